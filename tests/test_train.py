@@ -1,0 +1,100 @@
+"""End-to-end checks of train.py on a tiny built-in data set (seconds on a CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--db-size", "64", "--image-size", "64", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
+        "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "150", "--index-target-acc", "1.0",
+        "--retrieval-epochs", "2", "--bovw-k", "16", "--lr", "3e-3", "--quiet", "--threads", "2"]
+ROW_KEYS = {"model", "variant", "db_size", "ids", "IA@1", "IA@5", "MAP@10", "P@10", "Recall@10", "Recall@100",
+            "train_seconds", "query_ms"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def test_run_writes_every_output(tiny_run):
+    for name in ("results.json", "results.md", "curves.png", "checkpoint.pt", "train.log"):
+        assert (tiny_run / name).stat().st_size > 0, name
+    rows = json.loads((tiny_run / "results.json").read_text())["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [("BoVW", "-"), ("ViT DSI", "zero-shot"),
+                                                         ("ViT DSI", "fine-tuned")]
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        for key in ("MAP@10", "P@10", "Recall@10", "Recall@100"):
+            assert 0.0 <= r[key] <= 1.0
+    # The index was trained to the 1.0 target: the zero-shot model must write every IDB image's own ID.
+    assert rows[1]["IA@1"] == 1.0
+    assert "| ViT DSI | zero-shot | 64 | clustered |" in (tiny_run / "results.md").read_text()
+    assert Image.open(tiny_run / "curves.png").size[0] > 400
+
+
+def test_same_seed_same_metrics(tiny_run, tmp_path):
+    assert train.main(TINY + ["--out", str(tmp_path)]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train_seconds", "query_ms")} for r in rows]  # noqa: E731
+    first = json.loads((tiny_run / "results.json").read_text())["rows"]
+    second = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert strip(first) == strip(second)
+
+
+def test_query_mode_finds_a_database_image(tiny_run, tmp_path, capsys):
+    import torch
+    ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
+    ref = ckpt["idb_refs"][3]                                    # "synthetic:<index>"
+    index = int(ref.split(":")[1])
+    imageset = data.make_synthetic(index + 1, image_size=64, seed=0)
+    path = tmp_path / "query.png"
+    Image.fromarray(imageset.images[index]).save(path)
+    capsys.readouterr()
+    assert train.main(["--checkpoint", str(tiny_run / "checkpoint.pt"), "--query", str(path), "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("query.png:")
+    assert f"ID {ckpt['ids'][3]} " in lines[1] and lines[1].endswith(ref)
+    assert len(lines) == 4
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "imagenet", "--data-root", "/no/such/folder"], "/no/such/folder"),
+    (["--image-size", "100", "--patch-size", "16"], "divisible"),
+    (["--checkpoint", "/no/such.pt", "--query", "x.png"], "not found"),
+    (["--dataset", "coco", "--data-root", "."], "--coco-annotations"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
+    assert train.main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_db_size_above_available_and_bad_checkpoint(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    assert train.main(["--dataset", "imagenet", "--data-root", str(root), "--db-size", "50",
+                       "--out", str(tmp_path / "o")]) == 2
+    assert "6" in capsys.readouterr().err                          # says how many images exist
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert train.main(["--checkpoint", str(bad), "--query", str(root / "a" / "0.png")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "train.py", "--image-size", "100"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:")

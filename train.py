@@ -1,0 +1,681 @@
+"""train.py: the whole experiment of the paper, in one script.
+
+Di Stefano, "Vision Transformer Memory as a Differentiable Search Index for Image Retrieval", §3:
+  1. draw `--db-size` images, index 25% of them (the IDB) and keep the rest as queries (data.py);
+  2. BoVW baseline: SIFT vocabulary from the IDB, cosine ranking of the test queries (bovw.py);
+  3. indexing phase: teach the ViT DSI to write each IDB image's own ID, until the training
+     IA@1 reaches `--index-target-acc` (vitdsi.py)          -> the "zero-shot" row;
+  4. retrieval phase: query image -> ID of a relevant IDB image, early stopping on validation loss
+                                                              -> the "fine-tuned" row;
+  5. score every row with the same functions on the same test queries (metrics.py) and write
+     results.json, results.md, curves.png, checkpoint.pt and train.log to `--out`.
+
+Usage:
+    python train.py --db-size 512 --ids clustered                 # built-in data, no download
+    python train.py --dataset imagenet --data-root DIR --db-size 512
+    python train.py --sweep                                       # the paper's Table 1 grid
+    python train.py --checkpoint runs/.../checkpoint.pt --query a.jpg b.png --top-k 10
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import bovw
+import data
+import metrics
+from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
+
+RANK_DEPTH = 100  # longest ranked list we score: Recall@100 (paper §3.1)
+IA_DEPTH = 5      # IA@1 and IA@5 (paper §3.2)
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Training recipes
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the model is optimised. `paper` is the paper's §3.2 recipe; `fast` is ours (README)."""
+    optimizer: str           # "adam" (paper) or "adamw" (decoupled weight decay)
+    lr: float                # peak learning rate
+    weight_decay: float      # AdamW only
+    batch_size: int          # images per step
+    warmup_epochs: float     # linear warm-up length; 0 = none
+    schedule: str            # "constant" (paper) or "cosine" (decay to lr_floor over the epoch cap)
+    lr_floor: float          # cosine floor as a fraction of lr
+    bf16: bool               # bfloat16 autocast (CPU bf16 matmuls are ~1.8x fp32 on this class of machine)
+    index_epochs: int        # indexing epoch cap (paper: 750-1000 epochs)
+    retrieval_epochs: int    # retrieval epoch cap (paper: 75, early stopping on validation loss)
+    retrieval_lr: float      # peak learning rate of the retrieval phase
+    patience: int            # retrieval epochs without a better validation loss before stopping
+
+
+RECIPES = {
+    "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
+                    schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
+                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10),
+    "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
+                   schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
+                   retrieval_epochs=30, retrieval_lr=5e-4, patience=4),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities: seeding, logging, timing
+# --------------------------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """One seed for Python's random, numpy and torch (STYLE rule 9)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Log:
+    """Prints a line and appends it to the run's log file."""
+
+    def __init__(self, path: str | None = None, quiet: bool = False):
+        self.path, self.quiet = path, quiet
+        if path:
+            open(path, "w").close()
+
+    def __call__(self, line: str = "") -> None:
+        if not self.quiet:
+            print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, evaluate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data (paper §2.1)")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic-multilabel", "imagenet", "coco"],
+                   help="image source; synthetic is built in (no files)")
+    g.add_argument("--data-root", help="imagenet: ImageFolder root DIR/<class>/<image>; coco: the images folder")
+    g.add_argument("--coco-annotations", help="coco: official instances_*.json")
+    g.add_argument("--db-size", type=int, default=512, help="images drawn for the run (IDB + queries), paper Table 1")
+    g.add_argument("--index-fraction", type=float, default=0.25, help="share of the drawn images that is indexed (IDB)")
+    g.add_argument("--ids", default="clustered", choices=["clustered", "random"], help="ID scheme of the IDB")
+    g.add_argument("--image-size", type=int, default=160, help="square side after crop and resize, pixels")
+    g.add_argument("--aspect-range", type=float, nargs=2, default=[0.9, 1.1], metavar=("MIN", "MAX"),
+                   help="keep images whose width/height lies in this range")
+    g = p.add_argument_group("model (paper §3.2)")
+    d = ViTDSIConfig()
+    g.add_argument("--patch-size", type=int, default=d.patch_size, choices=[8, 16, 32], help="patch side, pixels")
+    g.add_argument("--dim", type=int, default=d.dim, help="token width D")
+    g.add_argument("--mlp-dim", type=int, default=d.mlp_dim, help="hidden width of each MLP")
+    g.add_argument("--depth", type=int, default=d.depth, help="encoder blocks = decoder blocks")
+    g.add_argument("--heads", type=int, default=d.heads, help="attention heads")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate")
+    g.add_argument("--pos-encoding", default=d.pos_encoding, choices=["sinusoidal", "learned"],
+                   help="positional encoding of patches and ID tokens")
+    g = p.add_argument_group("training (paper §3.2)")
+    g.add_argument("--recipe", default="fast", choices=sorted(RECIPES),
+                   help="fast: AdamW, warm-up + cosine, bf16; paper: Adam 5e-4 constant, fp32 (README)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's; fast 2e-3, paper 5e-4)")
+    g.add_argument("--batch-size", type=int, help="images per step (default: the recipe's, 32)")
+    g.add_argument("--index-epochs", type=int, help="indexing epoch cap (default: the recipe's; fast 150, paper 1000)")
+    g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
+    g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 30, paper 75)")
+    g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
+    g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
+    g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
+    g.add_argument("--beam", type=int, help="beam width of the decoder (default: the list length asked for)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data draw, IDs, initialisation and batches")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = one per core")
+    g.add_argument("--out", help="output folder (default: runs/<dataset>-<db_size>-<ids>-s<seed>)")
+    g.add_argument("--sweep", action="store_true", help="run the paper's Table 1 grid: db-size 512/1024/2048 x ids")
+    g.add_argument("--quiet", action="store_true", help="print only the final table (the log file gets everything)")
+    g = p.add_argument_group("query mode")
+    g.add_argument("--checkpoint", help="checkpoint.pt of a finished run: answer --query images with it")
+    g.add_argument("--query", nargs="+", metavar="IMAGE", help="image files to look up in the checkpoint's index")
+    g.add_argument("--top-k", type=int, default=10, help="IDs printed per query image")
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Reject bad input before any work starts (SPEC "Behaviour")."""
+    if a.query and not a.checkpoint:
+        raise UsageError("--query needs --checkpoint: pass the checkpoint.pt of a finished run")
+    if a.checkpoint and not a.query:
+        raise UsageError("--checkpoint needs --query IMAGE [IMAGE ...]: the images to look up")
+    if a.checkpoint:
+        if a.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
+        return
+    if a.dataset in ("imagenet", "coco") and not a.data_root:
+        raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Your own data')")
+    if a.dataset == "coco" and not a.coco_annotations:
+        raise UsageError("--dataset coco needs --coco-annotations instances_*.json")
+    if a.image_size % a.patch_size:
+        raise UsageError(f"--image-size {a.image_size} is not divisible by --patch-size {a.patch_size}: "
+                         f"pick sizes like 160/16 or 64/8")
+    if a.dim % a.heads:
+        raise UsageError(f"--dim {a.dim} is not divisible by --heads {a.heads}: pick e.g. --dim 128 --heads 4")
+    for name in ("db_size", "depth", "dim", "mlp_dim", "heads", "bovw_k"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "beam"):
+        v = getattr(a, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if not 0.0 <= a.dropout < 1.0:
+        raise UsageError(f"--dropout must lie in [0, 1), got {a.dropout}")
+    if not 0.0 < a.index_target_acc <= 1.0:
+        raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
+
+
+def recipe_from_args(a: argparse.Namespace) -> Recipe:
+    r = RECIPES[a.recipe]
+    over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
+            "retrieval_epochs": a.retrieval_epochs}
+    return replace(r, **{k: v for k, v in over.items() if v is not None})
+
+
+def model_config(a: argparse.Namespace, max_len: int) -> ViTDSIConfig:
+    return ViTDSIConfig(image_size=a.image_size, patch_size=a.patch_size, dim=a.dim, mlp_dim=a.mlp_dim,
+                        depth=a.depth, heads=a.heads, dropout=a.dropout, pos_encoding=a.pos_encoding,
+                        max_len=max_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop pieces (the trainer knows nothing about the model beyond forward and generate)
+# --------------------------------------------------------------------------------------------
+
+def lr_lambda(recipe: Recipe, steps_per_epoch: int, epochs: int):
+    """Multiplier of the peak lr at optimiser step s: linear warm-up, then constant or cosine decay."""
+    warm = int(recipe.warmup_epochs * steps_per_epoch)
+    total = max(1, epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if recipe.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return recipe.lr_floor + (1 - recipe.lr_floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
+
+
+def seq_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced cross-entropy and per-sample exact match.
+
+    logits (B, L-1, V) predict targets[:, 1:]; a sample counts as correct when every non-PAD token is
+    the argmax, which is exactly when greedy decoding writes the target ID.
+    """
+    gold = targets[:, 1:]                                                   # (B, L-1)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),    # (B*(L-1), V)
+                           gold.reshape(-1), ignore_index=data.PAD)
+    hit = (logits.argmax(-1) == gold) | (gold == data.PAD)                  # (B, L-1)
+    return loss, hit.all(dim=1)
+
+
+def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
+              choose_targets=None) -> tuple[float, float]:
+    """One pass over `order` (indices into images). Returns mean loss and exact-match accuracy.
+
+    images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, L).
+    """
+    model.train()
+    total_loss, total_hit, seen = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        x = data.normalize(images[idx].to(device))                        # (B, 3, S, S)
+        y = (targets[idx] if choose_targets is None else choose_targets(idx)).to(device)  # (B, L)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, y[:, :-1])                                   # (B, L-1, V)
+        loss, hit = seq_loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        total_hit += int(hit.sum())
+        seen += len(idx)
+    return total_loss / seen, total_hit / seen
+
+
+@torch.no_grad()
+def eval_loss(model, images, targets, batch_size, device, bf16) -> tuple[float, float]:
+    """Teacher-forced loss and exact-match accuracy, dropout off."""
+    model.eval()
+    total_loss, total_hit = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        x = data.normalize(images[start:start + batch_size].to(device))
+        y = targets[start:start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, y[:, :-1])
+        loss, hit = seq_loss(logits, y)
+        total_loss += loss.item() * len(x)
+        total_hit += int(hit.sum())
+    return total_loss / len(images), total_hit / len(images)
+
+
+@torch.no_grad()
+def rank_dsi(model, images, trie, k, beam, device, batch_size=64, log=None, what="") -> tuple[list, float]:
+    """Ranked ID lists (best first) for every image, by constrained beam search; and ms per query."""
+    model.eval()
+    ranked, t0 = [], time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        x = data.normalize(images[start:start + batch_size].to(device))
+        ranked += [[i for i, _ in hyps] for hyps in model.generate(x, trie, k=k, beam=beam)]
+        if log and len(images) > batch_size:
+            done = min(start + batch_size, len(images))
+            eta = (time.perf_counter() - t0) / done * (len(images) - done)
+            log(f"  ranking {what}: {done}/{len(images)} images, ETA {fmt_seconds(eta)}")
+    return ranked, 1000 * (time.perf_counter() - t0) / max(1, len(images))
+
+
+def score_row(model_name, variant, rankings_db, idb_ids, rankings_q, relevants, common) -> dict:
+    """One row of Table 1, every metric from metrics.py; IA is null where no IDB ranking was made."""
+    row = {"model": model_name, "variant": variant, **common}
+    if rankings_db is not None:
+        row["IA@1"] = metrics.indexing_accuracy(rankings_db, idb_ids, 1)
+        row["IA@5"] = metrics.indexing_accuracy(rankings_db, idb_ids, 5)
+    else:
+        row["IA@1"] = row["IA@5"] = None
+    row.update(metrics.retrieval_metrics(rankings_q, relevants))
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# One experiment: data -> BoVW -> indexing -> zero-shot -> retrieval -> fine-tuned
+# --------------------------------------------------------------------------------------------
+
+def load_images(a: argparse.Namespace, db_size: int, log: Log) -> data.ImageSet:
+    t0 = time.perf_counter()
+    imageset = data.load_dataset(a.dataset, data_root=a.data_root, coco_annotations=a.coco_annotations,
+                                 image_size=a.image_size, aspect_range=tuple(a.aspect_range),
+                                 db_size=db_size, seed=a.seed)
+    log(f"data: {len(imageset.refs)} images of {len(imageset.class_names)} classes from '{a.dataset}' "
+        f"({imageset.filtered} dropped by the aspect filter, {imageset.skipped} unreadable) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return imageset
+
+
+def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int, ids_scheme: str,
+                   out: str, log: Log, with_bovw: bool = True) -> list[dict]:
+    """Train and score the requested models on one (db_size, ids) cell. Returns the rows."""
+    set_seed(a.seed)
+    recipe = recipe_from_args(a)
+    device = pick_device(a.device)
+    split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
+    idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed)
+    idb_labels = [imageset.labels[i] for i in split.idb]
+    test_rel = data.relevant_sets([imageset.labels[i] for i in split.test], idb_labels, idb_ids)
+    log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
+        f"test {len(split.test)}; ids {ids_scheme} ({len(idb_ids[0])} digits)")
+    common = {"db_size": db_size, "ids": ids_scheme, "dataset": a.dataset, "seed": a.seed}
+    rows, curves = [], {}
+
+    if "bovw" in a.models and with_bovw:
+        t0 = time.perf_counter()
+        index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
+        q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
+        db_pos, _ = index.query(imageset.images[split.idb], top_k=IA_DEPTH)
+        as_ids = lambda p: [[idb_ids[j] for j in r] for r in p]  # noqa: E731 (IDB position -> ID)
+        row = score_row("BoVW", "-", as_ids(db_pos), idb_ids, as_ids(pos), test_rel, common)
+        row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
+        rows.append(row)
+        log(f"BoVW: vocabulary of {index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
+            f"P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}")
+
+    if "dsi" not in a.models:
+        return rows
+
+    images = data.images_to_tensor(imageset.images)                           # (n, 3, S, S) uint8, once
+    targets_idb = data.ids_to_tensor(idb_ids)                                  # (n_idb, L)
+    trie = IDTrie(idb_ids)
+    config = model_config(a, max_len=targets_idb.shape[1])
+    model = ViTDSI(config).to(device)
+    log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if recipe.bf16 else 'fp32'}), "
+        f"device {device.type}")
+    gen = torch.Generator().manual_seed(a.seed)
+    idb_images = images[torch.as_tensor(split.idb)]
+    beam = a.beam
+
+    # ---- indexing phase (paper §3.2): every IDB image -> its own ID, deliberately overfit ----
+    optimizer = make_optimizer(model, recipe, recipe.lr)
+    steps = math.ceil(len(split.idb) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
+    curves["index_loss"], curves["index_acc"] = [], []
+    t_index = time.perf_counter()
+    train_ia = 0.0
+    for epoch in range(1, recipe.index_epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(split.idb), generator=gen)
+        loss, acc = run_epoch(model, optimizer, scheduler, idb_images, targets_idb, order,
+                              recipe.batch_size, device, recipe.bf16)
+        # Exact match under teacher forcing is free; only when it passes the target do we pay for
+        # the real check: IA@1 by beam search with dropout off.
+        if acc >= a.index_target_acc or epoch == recipe.index_epochs:
+            ranked, _ = rank_dsi(model, idb_images, trie, 1, beam, device)
+            train_ia = metrics.indexing_accuracy(ranked, idb_ids, 1)
+        curves["index_loss"].append(loss)
+        curves["index_acc"].append(acc)
+        dt = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t_index
+        eta = elapsed / epoch * (recipe.index_epochs - epoch)
+        log(f"index  epoch {epoch:4d}/{recipe.index_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
+            f"lr {scheduler.get_last_lr()[0]:.2e}  {dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}"
+            + (f"  IA@1 {train_ia:.3f}" if acc >= a.index_target_acc else ""))
+        if train_ia >= a.index_target_acc:
+            break
+    index_s = time.perf_counter() - t_index
+    log(f"indexing: {epoch} epochs in {fmt_seconds(index_s)} ({len(split.idb) * epoch / index_s:.1f} images/s), "
+        f"training IA@1 {train_ia:.3f}")
+
+    def evaluate(variant: str, train_s: float) -> dict:
+        db_rank, _ = rank_dsi(model, idb_images, trie, IA_DEPTH, beam, device, log=log, what="IDB")
+        q_rank, q_ms = rank_dsi(model, images[torch.as_tensor(split.test)], trie, RANK_DEPTH, beam, device,
+                                log=log, what="test queries")
+        row = score_row("ViT DSI", variant, db_rank, idb_ids, q_rank, test_rel, common)
+        row.update(train_seconds=round(train_s, 2), query_ms=round(q_ms, 2), epochs=epoch)
+        log(f"ViT DSI {variant}: IA@1 {row['IA@1']:.3f}  IA@5 {row['IA@5']:.3f}  P@10 {row['P@10']:.3f}  "
+            f"MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}  ({q_ms:.1f} ms/query)")
+        return row
+
+    rows.append(evaluate("zero-shot", index_s))
+    retrieval_s = 0.0
+
+    # ---- retrieval phase (paper §3.2): query image -> the ID of a relevant IDB image ----
+    if not a.no_finetune:
+        retrieval_s = finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log)
+        rows.append(evaluate("fine-tuned", index_s + retrieval_s))
+
+    save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
+                    [imageset.refs[i] for i in split.idb], ids_scheme, db_size)
+    draw_curves(curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")
+    return rows
+
+
+def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log) -> float:
+    """Retrieval phase: each training query is paired with a relevant IDB image's ID, drawn anew every
+    epoch (so the model sees the whole relevant set); early stopping on the validation loss."""
+    idb_labels = [imageset.labels[i] for i in split.idb]
+    rel_train = data.relevant_sets([imageset.labels[i] for i in split.train], idb_labels, idb_ids)
+    rel_val = data.relevant_sets([imageset.labels[i] for i in split.val], idb_labels, idb_ids)
+    keep_tr = [i for i, r in enumerate(rel_train) if r]                     # queries with a relevant IDB image
+    keep_va = [i for i, r in enumerate(rel_val) if r]
+    if not keep_tr or not keep_va:
+        log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
+        return 0.0
+    tr_images = images[torch.as_tensor(split.train[keep_tr])]
+    va_images = images[torch.as_tensor(split.val[keep_va])]
+    tr_choices = [sorted(rel_train[i]) for i in keep_tr]
+    rng = np.random.default_rng(a.seed)
+    # A fixed draw for validation, so its loss is comparable from epoch to epoch.
+    va_targets = data.ids_to_tensor([sorted(rel_val[i])[rng.integers(len(rel_val[i]))] for i in keep_va])
+    width = data.ids_to_tensor(idb_ids).shape[1]
+
+    def draw_targets(batch_idx: torch.Tensor) -> torch.Tensor:
+        ids = [tr_choices[i][rng.integers(len(tr_choices[i]))] for i in batch_idx.tolist()]
+        t = data.ids_to_tensor(ids)
+        return F.pad(t, (0, width - t.shape[1]), value=data.PAD)           # (B, L) like the IDB targets
+
+    optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
+    steps = math.ceil(len(keep_tr) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
+    best, best_state, bad = float("inf"), None, 0
+    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"):
+        curves[key] = []
+    t_start = time.perf_counter()
+    for epoch in range(1, recipe.retrieval_epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(keep_tr), generator=gen)
+        loss, acc = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
+                              device, recipe.bf16, choose_targets=draw_targets)
+        v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
+        for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
+            curves[key].append(v)
+        if v_loss < best:
+            best, bad = v_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        dt = time.perf_counter() - t0
+        eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
+        log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
+            f"val loss {v_loss:.4f}  val acc {v_acc:.3f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+            f"{dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
+        if bad >= recipe.patience:
+            log(f"retrieval: validation loss has not improved for {recipe.patience} epochs; stopping")
+            break
+    model.load_state_dict(best_state)
+    return time.perf_counter() - t_start
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: checkpoint, curves, tables
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, model, optimizer, config, a, epoch, idb_ids, idb_refs, ids_scheme, db_size) -> None:
+    """One dict with everything needed to rebuild the model and answer queries (STYLE rule 10)."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(config),
+                "args": vars(a), "epoch": epoch, "seed": a.seed, "ids": idb_ids, "idb_refs": idb_refs,
+                "ids_scheme": ids_scheme, "db_size": db_size, "aspect_range": list(a.aspect_range)}, path)
+
+
+def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' not found: pass the checkpoint.pt written by a training run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        config = ViTDSIConfig(**ckpt["config"])
+        model = ViTDSI(config)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # any file that is not our checkpoint: one line, exit 2 (SPEC "Behaviour")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"'{path}' is not a checkpoint of this version of vit-dsi ({first}): "
+                         f"retrain with train.py") from None
+    model.eval()
+    return model, ckpt
+
+
+def draw_curves(curves: dict, path: str, title: str) -> None:
+    """Paper Figures 1-3 with Pillow: indexing loss/accuracy, retrieval train/val loss and accuracy."""
+    from PIL import Image, ImageDraw
+    panels = [("indexing loss", [("train", curves.get("index_loss", []), (31, 119, 180))]),
+              ("indexing exact-match accuracy", [("train", curves.get("index_acc", []), (31, 119, 180))]),
+              ("retrieval loss", [("train", curves.get("ret_train_loss", []), (31, 119, 180)),
+                                  ("val", curves.get("ret_val_loss", []), (214, 39, 40))]),
+              ("retrieval accuracy", [("train", curves.get("ret_train_acc", []), (31, 119, 180)),
+                                      ("val", curves.get("ret_val_acc", []), (214, 39, 40))])]
+    w, h, pad = 420, 260, 40
+    img = Image.new("RGB", (2 * w, 2 * h + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black")
+    for n, (name, series) in enumerate(panels):
+        x0, y0 = (n % 2) * w, 30 + (n // 2) * h
+        box = (x0 + pad, y0 + 20, x0 + w - 15, y0 + h - pad)
+        draw.rectangle(box, outline="black")
+        draw.text((x0 + pad, y0 + 4), name, fill="black")
+        values = [v for _, ys, _ in series for v in ys]
+        if not values:
+            draw.text((box[0] + 10, box[1] + 10), "(phase not run)", fill="gray")
+            continue
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1.0
+        n_max = max(len(ys) for _, ys, _ in series)
+        draw.text((x0 + 2, box[1]), f"{hi:.2f}", fill="black")
+        draw.text((x0 + 2, box[3] - 10), f"{lo:.2f}", fill="black")
+        draw.text((box[0], box[3] + 4), "epoch 1", fill="black")
+        draw.text((box[2] - 50, box[3] + 4), f"epoch {n_max}", fill="black")
+        for k, (label, ys, colour) in enumerate(series):
+            pts = [(box[0] + (box[2] - box[0]) * (i / max(1, n_max - 1)),
+                    box[3] - (box[3] - box[1]) * (v - lo) / (hi - lo)) for i, v in enumerate(ys)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            elif pts:
+                draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+            draw.text((box[2] - 60, box[1] + 5 + 12 * k), label, fill=colour)
+    img.save(path)
+
+
+# Numbers quoted from the paper for the one cell our protocol reproduces (ImageNet, 512, clustered).
+PAPER = {("ViT DSI", "zero-shot", 512, "clustered"): {"IA@1": 0.83},
+         ("ViT DSI", "fine-tuned", 512, "clustered"): {"IA@1": 0.41}}
+COLUMNS = ["IA@1", "IA@5", "MAP@10", "P@10", "Recall@10", "Recall@100", "train_seconds", "query_ms"]
+
+
+def results_markdown(rows: list[dict], header: str) -> str:
+    """Table-1-style markdown; the paper's numbers beside ours where the protocol matches."""
+    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) and v <= 1 else f"{v:g}")  # noqa: E731
+    lines = [f"# Results: {header}", "",
+             "| model | variant | db size | ids | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['db_size']} | {r['ids']} | "
+                     + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
+    paper = [(k, v) for k, v in PAPER.items() if any((r["model"], r["variant"], r["db_size"], r["ids"]) == k
+                                                     for r in rows)]
+    if paper and rows and rows[0].get("dataset") == "imagenet":
+        lines += ["", "Paper (Di Stefano, Table 1), same cell:", ""]
+        lines += [f"- {m} {v}, db {d}, {i}: " + ", ".join(f"{c} {x:.2f}" for c, x in vals.items())
+                  for (m, v, d, i), vals in paper]
+    lines += ["", "IA = indexing accuracy over all IDB images; MAP@10, P@10, Recall@k over all test queries "
+              "with at least one relevant IDB image (metrics.py). train_seconds: BoVW = vocabulary + index; "
+              "zero-shot = indexing; fine-tuned = indexing + retrieval. query_ms: mean per test query, "
+              "ranking of 100."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: str, rows: list[dict], header: str, extra: dict) -> str:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"rows": rows, **extra}, f, indent=2)
+    table = results_markdown(rows, header)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Query mode
+# --------------------------------------------------------------------------------------------
+
+def query_mode(a: argparse.Namespace) -> None:
+    model, ckpt = load_checkpoint(a.checkpoint)
+    device = pick_device(a.device)
+    model.to(device)
+    size = model.config.image_size
+    images = []
+    for path in a.query:
+        if not os.path.isfile(path):
+            raise UsageError(f"query image '{path}' not found: pass existing image files")
+        try:
+            # A query is any photo: crop and resize it, never reject it for its aspect ratio.
+            images.append(data.read_image(path, size, aspect_range=None))
+        except data.UnreadableImage:
+            raise UsageError(f"cannot decode '{path}' as an image: pass a JPEG/PNG/BMP file") from None
+    x = data.images_to_tensor(np.stack(images))
+    trie = IDTrie(ckpt["ids"])
+    ref_of = dict(zip(ckpt["ids"], ckpt["idb_refs"]))
+    with torch.no_grad():
+        results = model.generate(data.normalize(x.to(device)), trie, k=a.top_k, beam=a.beam)
+    for path, hyps in zip(a.query, results):
+        print(f"{path}:")
+        for rank, (id_str, score) in enumerate(hyps, 1):
+            print(f"  {rank:3d}. ID {id_str}  log-prob {score:8.3f}  -> {ref_of[id_str]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+def default_out(a: argparse.Namespace) -> str:
+    if a.sweep:
+        return os.path.join("runs", f"sweep-{a.dataset}-s{a.seed}")
+    return os.path.join("runs", f"{a.dataset}-{a.db_size}-{a.ids}-s{a.seed}")
+
+
+def run(a: argparse.Namespace) -> int:
+    check_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.checkpoint:
+        query_mode(a)
+        return 0
+    out = a.out or default_out(a)
+    os.makedirs(out, exist_ok=True)
+    log = Log(os.path.join(out, "train.log"), quiet=a.quiet)
+    log(f"vit-dsi: {' '.join(sys.argv[1:]) or '(defaults)'} -> {out}")
+    t_run = time.perf_counter()
+    cells = [(n, s) for n in (512, 1024, 2048) for s in ("clustered", "random")] if a.sweep else [(a.db_size, a.ids)]
+    imageset = load_images(a, max(n for n, _ in cells), log)
+    rows = []
+    for n, scheme in cells:
+        cell_out = os.path.join(out, f"{n}-{scheme}") if a.sweep else out
+        os.makedirs(cell_out, exist_ok=True)
+        log(f"== db-size {n}, ids {scheme} ==")
+        # BoVW does not depend on the ID scheme: one row per db-size.
+        rows += run_experiment(a, imageset, n, scheme, cell_out, log, with_bovw=(scheme == cells[0][1] or not a.sweep))
+    header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
+              f"seed {a.seed}, recipe {a.recipe}")
+    table = write_results(out, rows, header, {"args": vars(a), "wall_seconds": round(time.perf_counter() - t_run, 1)})
+    log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {out}")
+    if a.quiet:
+        print(table)
+    else:
+        log(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return run(a)
+    except (UsageError, data.DataError, bovw.BoVWError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
