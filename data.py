@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # Tokens, paper §2.2: digits 0-9 are tokens 0-9, then BOS, EOS, PAD (10 is unused).
@@ -637,3 +638,33 @@ def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
     if batch_uint8.dtype != torch.uint8:
         raise ValueError(f"normalize expects uint8 images, got {batch_uint8.dtype}")
     return (batch_uint8.to(torch.float32) / 255 - 0.5) / 0.5
+
+
+# ---------------------------------------------------------------- augmented views (beyond the paper)
+
+AUGMENT_SCALE = (0.6, 1.0)       # share of the image area a random crop keeps (cf. Inception-style crops)
+AUGMENT_JITTER = 0.2             # brightness shift and contrast factor range, in normalised units
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random views of a batch: resized crop, horizontal flip, brightness/contrast jitter.
+
+    x is a normalised (B, 3, S, S) float batch (see `normalize`); returns a new batch of the same shape.
+    One affine warp per image, all in a single batched `grid_sample`, so it costs little next to a
+    training step. Used as pseudo-queries for the indexed images (the image analogue of DSI-QG query
+    generation) and to regularise retrieval training.
+    """
+    B = x.shape[0]
+    u = lambda lo, hi: torch.empty(B).uniform_(lo, hi, generator=generator)  # noqa: E731
+    side = u(*AUGMENT_SCALE).sqrt()                                      # crop side / image side
+    flip = torch.where(u(0, 1) < 0.5, -1.0, 1.0)
+    shift_x, shift_y = (1 - side) * u(-1, 1), (1 - side) * u(-1, 1)     # crop centre stays inside the image
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = side * flip, shift_x                # (B, 2, 3) output -> input coordinates
+    theta[:, 1, 1], theta[:, 1, 2] = side, shift_y
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (B, S, S, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)                          # (B, 1, 1, 1)
+    contrast = 1 + u(-AUGMENT_JITTER, AUGMENT_JITTER).view(B, 1, 1, 1).to(x.device)
+    brightness = u(-AUGMENT_JITTER, AUGMENT_JITTER).view(B, 1, 1, 1).to(x.device)
+    return ((out - mean) * contrast + mean + brightness).clamp(-1, 1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import bovw
 import data
 import metrics
-from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
+from vitdsi import IDTrie, ViTDSI, ViTDSIConfig, set_dropout
 
 RANK_DEPTH = 100  # longest ranked list we score: Recall@100 (paper §3.1)
 IA_DEPTH = 5      # IA@1 and IA@5 (paper §3.2)
@@ -61,15 +61,21 @@ class Recipe:
     retrieval_epochs: int    # retrieval epoch cap (paper: 75, early stopping on validation loss)
     retrieval_lr: float      # peak learning rate of the retrieval phase
     patience: int            # retrieval epochs without a better validation loss before stopping
+    index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
+    index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
+    augment: bool            # retrieval phase: random crops/flips/jitter of every training image
+    label_smoothing: float   # retrieval phase: cross-entropy label smoothing
 
 
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
                     schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
-                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10),
+                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10,
+                    index_dropout=None, index_mix=0.0, augment=False, label_smoothing=0.0),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
-                   retrieval_epochs=30, retrieval_lr=5e-4, patience=4),
+                   retrieval_epochs=30, retrieval_lr=5e-4, patience=4,
+                   index_dropout=None, index_mix=0.0, augment=False, label_smoothing=0.0),
 }
 
 
@@ -110,10 +116,17 @@ def fmt_seconds(s: float) -> str:
 # Command line
 # --------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help text already explains a default of None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, evaluate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data (paper §2.1)")
     g.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic-multilabel", "imagenet", "coco"],
                    help="image source; synthetic is built in (no files)")
@@ -121,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coco-annotations", help="coco: official instances_*.json")
     g.add_argument("--db-size", type=int, default=512, help="images drawn for the run (IDB + queries), paper Table 1")
     g.add_argument("--index-fraction", type=float, default=0.25, help="share of the drawn images that is indexed (IDB)")
-    g.add_argument("--ids", default="clustered", choices=["clustered", "random"], help="ID scheme of the IDB")
+    g.add_argument("--ids", default="clustered", choices=["clustered", "random", "semantic"],
+                   help="ID scheme of the IDB; semantic = hierarchical k-means over BoVW histograms, no labels")
     g.add_argument("--image-size", type=int, default=160, help="square side after crop and resize, pixels")
     g.add_argument("--aspect-range", type=float, nargs=2, default=[0.9, 1.1], metavar=("MIN", "MAX"),
                    help="keep images whose width/height lies in this range")
@@ -144,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
     g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 30, paper 75)")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
+    g.add_argument("--index-mix", type=float,
+                   help="retrieval phase: IDB pairs mixed in per query pair, against forgetting (default: the recipe's)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="retrieval phase: augmented views of the training images (default: the recipe's)")
+    g.add_argument("--label-smoothing", type=float, help="retrieval phase label smoothing (default: the recipe's)")
     g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
     g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
     g.add_argument("--beam", type=int, help="beam width of the decoder (default: the list length asked for)")
@@ -151,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = one per core")
     g.add_argument("--out", help="output folder (default: runs/<dataset>-<db_size>-<ids>-s<seed>)")
-    g.add_argument("--sweep", action="store_true", help="run the paper's Table 1 grid: db-size 512/1024/2048 x ids")
+    g.add_argument("--sweep", action="store_true", help="run the paper's Table 1 grid: --sweep-sizes x --sweep-ids")
+    g.add_argument("--sweep-sizes", type=int, nargs="+", default=[512, 1024, 2048], help="db sizes of --sweep")
+    g.add_argument("--sweep-ids", nargs="+", default=["clustered", "random"], choices=["clustered", "random", "semantic"],
+                   help="ID schemes of --sweep")
     g.add_argument("--quiet", action="store_true", help="print only the final table (the log file gets everything)")
     g = p.add_argument_group("query mode")
     g.add_argument("--checkpoint", help="checkpoint.pt of a finished run: answer --query images with it")
@@ -182,6 +204,10 @@ def check_args(a: argparse.Namespace) -> None:
     for name in ("db_size", "depth", "dim", "mlp_dim", "heads", "bovw_k"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.index_mix is not None and a.index_mix < 0:
+        raise UsageError(f"--index-mix must be 0 or more, got {a.index_mix}")
+    if a.label_smoothing is not None and not 0.0 <= a.label_smoothing < 1.0:
+        raise UsageError(f"--label-smoothing must lie in [0, 1), got {a.label_smoothing}")
     for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "beam"):
         v = getattr(a, name)
         if v is not None and v <= 0:
@@ -197,7 +223,8 @@ def check_args(a: argparse.Namespace) -> None:
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
     r = RECIPES[a.recipe]
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
-            "retrieval_epochs": a.retrieval_epochs}
+            "retrieval_epochs": a.retrieval_epochs, "index_mix": a.index_mix, "augment": a.augment,
+            "label_smoothing": a.label_smoothing}
     return replace(r, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -232,7 +259,7 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.o
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
 
 
-def seq_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced cross-entropy and per-sample exact match.
 
     logits (B, L-1, V) predict targets[:, 1:]; a sample counts as correct when every non-PAD token is
@@ -240,26 +267,29 @@ def seq_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     """
     gold = targets[:, 1:]                                                   # (B, L-1)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),    # (B*(L-1), V)
-                           gold.reshape(-1), ignore_index=data.PAD)
+                           gold.reshape(-1), ignore_index=data.PAD, label_smoothing=smoothing)
     hit = (logits.argmax(-1) == gold) | (gold == data.PAD)                  # (B, L-1)
     return loss, hit.all(dim=1)
 
 
 def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
-              choose_targets=None) -> tuple[float, float]:
+              choose_targets=None, augment_gen=None, smoothing=0.0) -> tuple[float, float]:
     """One pass over `order` (indices into images). Returns mean loss and exact-match accuracy.
 
     images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, L).
+    augment_gen: a torch.Generator to draw augmented views with, or None for the images as they are.
     """
     model.train()
     total_loss, total_hit, seen = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x = data.normalize(images[idx].to(device))                        # (B, 3, S, S)
+        if augment_gen is not None:
+            x = data.augment(x, augment_gen)
         y = (targets[idx] if choose_targets is None else choose_targets(idx)).to(device)  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x, y[:, :-1])                                   # (B, L-1, V)
-        loss, hit = seq_loss(logits, y)
+        loss, hit = seq_loss(logits, y, smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -335,18 +365,30 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     recipe = recipe_from_args(a)
     device = pick_device(a.device)
     split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
-    idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed)
+    index, fit_s = None, 0.0
+    if ids_scheme == "semantic":
+        # Tay et al. §3.2: IDs from hierarchical k-means over features made without labels, here the
+        # IDB's own BoVW histograms, so that similar-looking images share ID prefixes.
+        t0 = time.perf_counter()
+        index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
+        fit_s = time.perf_counter() - t0
+        idb_ids = bovw.hierarchical_ids(index.database, np.random.default_rng(a.seed))
+        log(f"semantic IDs: hierarchical k-means over BoVW histograms in {time.perf_counter() - t0:.1f} s, "
+            f"lengths {min(map(len, idb_ids))}-{max(map(len, idb_ids))} digits")
+    else:
+        idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed)
     idb_labels = [imageset.labels[i] for i in split.idb]
     test_rel = data.relevant_sets([imageset.labels[i] for i in split.test], idb_labels, idb_ids)
     log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
-        f"test {len(split.test)}; ids {ids_scheme} ({len(idb_ids[0])} digits)")
+        f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
     common = {"db_size": db_size, "ids": ids_scheme, "dataset": a.dataset, "seed": a.seed}
     rows, curves = [], {}
 
     if "bovw" in a.models and with_bovw:
-        t0 = time.perf_counter()
-        index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
-        fit_s = time.perf_counter() - t0
+        if index is None:
+            t0 = time.perf_counter()
+            index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
+            fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
         q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
@@ -375,6 +417,8 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
 
     # ---- indexing phase (paper §3.2): every IDB image -> its own ID, deliberately overfit ----
     optimizer = make_optimizer(model, recipe, recipe.lr)
+    if recipe.index_dropout is not None:
+        set_dropout(model, recipe.index_dropout)
     steps = math.ceil(len(split.idb) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
     curves["index_loss"], curves["index_acc"] = [], []
@@ -401,6 +445,7 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
         if train_ia >= a.index_target_acc:
             break
     index_s = time.perf_counter() - t_index
+    set_dropout(model, config.dropout)
     log(f"indexing: {epoch} epochs in {fmt_seconds(index_s)} ({len(split.idb) * epoch / index_s:.1f} images/s), "
         f"training IA@1 {train_ia:.3f}")
 
@@ -439,9 +484,13 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     if not keep_tr or not keep_va:
         log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
         return 0.0
-    tr_images = images[torch.as_tensor(split.train[keep_tr])]
+    # Training pool: the queries, then the IDB images; an epoch takes every query and, with
+    # --index-mix R, R IDB pairs (image -> own ID) per query, so the index is rehearsed, not forgotten.
+    n_q, n_idb = len(keep_tr), len(split.idb)
+    tr_images = images[torch.as_tensor(np.concatenate([split.train[keep_tr], split.idb]))]
     va_images = images[torch.as_tensor(split.val[keep_va])]
-    tr_choices = [sorted(rel_train[i]) for i in keep_tr]
+    tr_choices = [sorted(rel_train[i]) for i in keep_tr] + [[i] for i in idb_ids]
+    n_mix = round(recipe.index_mix * n_q)
     rng = np.random.default_rng(a.seed)
     # A fixed draw for validation, so its loss is comparable from epoch to epoch.
     va_targets = data.ids_to_tensor([sorted(rel_val[i])[rng.integers(len(rel_val[i]))] for i in keep_va])
@@ -453,7 +502,10 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
         return F.pad(t, (0, width - t.shape[1]), value=data.PAD)           # (B, L) like the IDB targets
 
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
-    steps = math.ceil(len(keep_tr) / recipe.batch_size)
+    steps = math.ceil((n_q + n_mix) / recipe.batch_size)
+    aug_gen = torch.Generator().manual_seed(a.seed + 1) if recipe.augment else None
+    log(f"retrieval: {n_q} query pairs + {n_mix} IDB pairs per epoch, augment {'on' if recipe.augment else 'off'}, "
+        f"label smoothing {recipe.label_smoothing}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
     best, best_state, bad = float("inf"), None, 0
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"):
@@ -461,9 +513,14 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     t_start = time.perf_counter()
     for epoch in range(1, recipe.retrieval_epochs + 1):
         t0 = time.perf_counter()
-        order = torch.randperm(len(keep_tr), generator=gen)
+        # n_mix IDB images, each at most once more than any other (a random subset when n_mix < n_idb)
+        rounds = [torch.randperm(n_idb, generator=gen) for _ in range(-(-n_mix // n_idb))]
+        mix = n_q + torch.cat(rounds)[:n_mix] if rounds else torch.empty(0, dtype=torch.long)
+        order = torch.cat([torch.arange(n_q), mix])
+        order = order[torch.randperm(len(order), generator=gen)]
         loss, acc = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
-                              device, recipe.bf16, choose_targets=draw_targets)
+                              device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
+                              smoothing=recipe.label_smoothing)
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)
@@ -645,7 +702,7 @@ def run(a: argparse.Namespace) -> int:
     log = Log(os.path.join(out, "train.log"), quiet=a.quiet)
     log(f"vit-dsi: {' '.join(sys.argv[1:]) or '(defaults)'} -> {out}")
     t_run = time.perf_counter()
-    cells = [(n, s) for n in (512, 1024, 2048) for s in ("clustered", "random")] if a.sweep else [(a.db_size, a.ids)]
+    cells = [(n, s) for n in a.sweep_sizes for s in a.sweep_ids] if a.sweep else [(a.db_size, a.ids)]
     imageset = load_images(a, max(n for n, _ in cells), log)
     rows = []
     for n, scheme in cells:
@@ -653,7 +710,7 @@ def run(a: argparse.Namespace) -> int:
         os.makedirs(cell_out, exist_ok=True)
         log(f"== db-size {n}, ids {scheme} ==")
         # BoVW does not depend on the ID scheme: one row per db-size.
-        rows += run_experiment(a, imageset, n, scheme, cell_out, log, with_bovw=(scheme == cells[0][1] or not a.sweep))
+        rows += run_experiment(a, imageset, n, scheme, cell_out, log, with_bovw=(scheme == a.sweep_ids[0] or not a.sweep))
     header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
               f"seed {a.seed}, recipe {a.recipe}")
     table = write_results(out, rows, header, {"args": vars(a), "wall_seconds": round(time.perf_counter() - t_run, 1)})

@@ -404,6 +404,16 @@ class ViTDSI(nn.Module):
                 for ids_row, scores_row in zip(id_index, done_scores)]
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout rate of the model to p (e.g. 0 while memorising the index, where dropout only
+    slows the overfit the indexing phase wants; paper §3.2 trains with 0.1 throughout)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, MultiHeadAttention):
+            m.dropout = p
+
+
 def score_all_ids(model: ViTDSI, images: torch.Tensor, trie: IDTrie, *,
                   ids_per_call: int = 256) -> torch.Tensor:
     """Exhaustive scoring: (B, n) sequence log-probability of every ID in the trie (column j = trie.ids[j])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import bovw
-from bovw import BoVWIndex, kmeans, sift_descriptors, word_counts
+from bovw import BoVWIndex, hierarchical_ids, kmeans, prefix_free, sift_descriptors, word_counts
 
 IMAGE_SIZE = 128  # small enough to be fast, large enough for SIFT's octaves to find keypoints
 
@@ -198,3 +198,108 @@ def test_save_load_round_trip(tmp_path, database, options):
         assert getattr(loaded, name) == getattr(index, name)
     with np.load(path, allow_pickle=False) as z:  # plain arrays only
         assert all(z[key].dtype != object for key in z.files)
+
+
+# ----------------------------------------------------------------------------- semantic IDs (hierarchical k-means)
+
+def grouped_features(sizes: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Far-apart Gaussian groups of the given sizes in 8-d, shuffled: (features (n, 8), group of each item)."""
+    rng = np.random.default_rng(seed)
+    group = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = rng.normal(size=(len(sizes), 8)) * 50.0
+    return (centres[group] + rng.normal(size=(len(group), 8))).astype(np.float32), group
+
+
+def test_prefix_free_by_hand():
+    assert prefix_free(["10", "11", "2", "30"]) and prefix_free([])
+    assert not prefix_free(["2", "10", "1"])   # "1" starts "10", though not sorted next to each other as given
+    assert not prefix_free(["12", "3", "12"])  # a duplicate is a prefix of itself
+
+
+def test_hierarchical_ids_follow_separated_groups():
+    x, group = grouped_features((40, 40, 40))
+    ids = hierarchical_ids(x, np.random.default_rng(0), branches=3)
+    first = np.array([i[0] for i in ids])
+    # One first digit per group, and a different one for each group.
+    assert [len(set(first[group == g])) for g in range(3)] == [1, 1, 1]
+    assert len(set(first)) == 3
+    assert prefix_free(ids) and all(i.isdigit() for i in ids)
+
+
+def test_hierarchical_ids_are_distinct_and_prefix_free():
+    x = np.random.default_rng(1).normal(size=(500, 16)).astype(np.float32)
+    ids = hierarchical_ids(x, np.random.default_rng(0))
+    assert len(ids) == 500 and len(set(ids)) == 500
+    assert prefix_free(ids) and all(i.isdigit() for i in ids)
+    assert max(map(len, ids)) >= 3  # 500 items do not fit two levels of at most 10 x 10
+
+
+def test_hierarchical_ids_lengths_follow_cluster_sizes():
+    x, group = grouped_features((50, 5, 5))
+    ids = hierarchical_ids(x, np.random.default_rng(0), branches=3)
+    lengths = np.array([len(i) for i in ids])
+    assert np.all(lengths[group > 0] == 2)  # a small group is a leaf under the root: cluster digit + leaf digit
+    assert np.all(lengths[group == 0] >= 3)  # the big group is split again
+    assert prefix_free(ids)
+
+
+@pytest.mark.parametrize("n", [1, 7, 10])
+def test_hierarchical_ids_small_database_is_one_level(n):
+    x = np.random.default_rng(2).normal(size=(n, 4))
+    assert hierarchical_ids(x, np.random.default_rng(0)) == [str(i) for i in range(n)]
+
+
+def test_hierarchical_ids_fewer_items_than_branches_at_a_node():
+    # 6 distinct items > leaf_size 2 but < 10 branches: 6 singleton clusters, each a leaf with digit 0.
+    x = np.random.default_rng(3).normal(size=(6, 4))
+    ids = hierarchical_ids(x, np.random.default_rng(0), leaf_size=2)
+    assert sorted(ids) == [f"{d}0" for d in range(6)]
+
+
+def test_hierarchical_ids_identical_features_split_in_input_order():
+    # 250 all-zero rows (blank images' histograms): k-means cannot split them, so runs in input order:
+    # 10 runs of 25, each in runs of 3,3,3,3,3,2,2,2,2,2.
+    ids = hierarchical_ids(np.zeros((250, 5)), np.random.default_rng(0))
+    assert ids[:4] == ["000", "001", "002", "010"] and ids[23:26] == ["090", "091", "100"] and ids[-1] == "991"
+    assert len(set(ids)) == 250 and prefix_free(ids)
+
+
+def test_hierarchical_ids_fewer_distinct_points_than_branches():
+    # 3 distinct points, 15 copies each: 3 clusters, then each group of copies falls back to runs.
+    x = np.repeat(np.eye(3, 4), 15, axis=0)
+    ids = hierarchical_ids(x, np.random.default_rng(0))
+    first = np.array([i[0] for i in ids]).reshape(3, 15)
+    assert all(len(set(row)) == 1 for row in first)
+    assert sorted(first[:, 0]) == ["0", "1", "2"]  # 7 empty clusters leave no gaps in the digits
+    assert len(set(ids)) == 45 and prefix_free(ids)
+
+
+def test_hierarchical_ids_number_non_empty_clusters_without_gaps(monkeypatch):
+    # k-means can leave clusters empty (duplicate centroids): here only clusters 7 and 3 hold items. The digits
+    # are the ranks of the non-empty clusters by index (3 -> "0", 7 -> "1"), leaf digits in input order.
+    monkeypatch.setattr(bovw, "kmeans", lambda x, k, rng: (None, np.where(np.arange(len(x)) < 10, 7, 3), 0.0))
+    ids = hierarchical_ids(np.zeros((18, 2)), np.random.default_rng(0))
+    assert ids == [f"1{d}" for d in range(10)] + [f"0{d}" for d in range(8)]
+
+
+def test_hierarchical_ids_are_deterministic_for_a_seed():
+    x = np.random.default_rng(4).normal(size=(300, 8)).astype(np.float32)
+    a = hierarchical_ids(x, np.random.default_rng(7))
+    assert a == hierarchical_ids(x, np.random.default_rng(7))
+    assert a != hierarchical_ids(x, np.random.default_rng(8))  # the generator really drives the clustering
+
+
+def test_hierarchical_ids_from_bovw_histograms(database):
+    blank = np.full_like(database[0], 200)
+    images = np.concatenate([database[:4], np.stack([blank] * 3), database[4:]])  # blanks: IDB images 4, 5, 6
+    index = BoVWIndex(k=40, seed=0).fit(images)
+    assert np.array_equal(index.database, index.embed(index.describe(images)))  # the IDB's own histograms
+    ids = hierarchical_ids(index.database, np.random.default_rng(0), branches=3, leaf_size=2)
+    assert len(set(ids)) == 13 and prefix_free(ids)
+    assert len({i[0] for i in ids[4:7]}) == 1  # identical (all-zero) histograms are never separated by k-means
+
+
+@pytest.mark.parametrize("kwargs", [{"branches": 1}, {"branches": 11}, {"leaf_size": 0}, {"leaf_size": 11}])
+def test_hierarchical_ids_rejects_more_than_one_digit_per_level(kwargs):
+    with pytest.raises(ValueError, match="one decimal digit"):
+        hierarchical_ids(np.zeros((20, 3)), np.random.default_rng(0), **kwargs)

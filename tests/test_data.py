@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 from data import (BOS, EOS, PAD, DataError, ImageSet, UnreadableImage, assign_ids, decode_tokens, encode_id,
                   ids_to_tensor, images_to_tensor, load_coco, load_dataset, load_imagefolder, make_synthetic,
                   normalize, preprocess, read_image, relevant_sets, render_synthetic, split_dataset)
@@ -353,3 +354,25 @@ def test_load_dataset_names():
         load_dataset("imagenet", db_size=10)
     with pytest.raises(DataError, match="--coco-annotations"):
         load_dataset("coco", data_root=".", db_size=10)
+
+
+def test_augment_views_are_seeded_and_keep_shape():
+    images = data.images_to_tensor(data.make_synthetic(4, image_size=32, seed=0).images)
+    x = data.normalize(images)
+    a = data.augment(x, torch.Generator().manual_seed(0))
+    b = data.augment(x, torch.Generator().manual_seed(0))
+    c = data.augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+    assert not torch.allclose(a, x, atol=1e-3)          # a view, not the image itself
+
+
+def test_augment_with_full_crop_and_no_jitter_is_identity_or_mirror(monkeypatch):
+    # With the crop forced to the whole image and no jitter, a view is the image or its mirror image.
+    monkeypatch.setattr(data, "AUGMENT_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(data, "AUGMENT_JITTER", 0.0)
+    x = data.normalize(data.images_to_tensor(data.make_synthetic(8, image_size=32, seed=0).images))
+    out = data.augment(x, torch.Generator().manual_seed(0))
+    for view, image in zip(out, x):
+        assert torch.allclose(view, image, atol=1e-4) or torch.allclose(view, image.flip(-1), atol=1e-4)

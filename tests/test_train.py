@@ -98,3 +98,18 @@ def test_cli_error_has_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
+
+
+def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
+    argv = TINY + ["--ids", "semantic", "--index-mix", "1.0", "--augment", "--label-smoothing", "0.1",
+                   "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["ids"] for r in rows} == {"semantic"} and len(rows) == 3
+    assert rows[1]["IA@1"] == 1.0                                # the label-free IDs are memorised too
+    log = (tmp_path / "train.log").read_text()
+    assert "semantic IDs: hierarchical k-means" in log
+    assert "augment on, label smoothing 0.1" in log
+    import torch
+    ids = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ids"]
+    assert len(set(ids)) == len(ids) == 16
