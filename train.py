@@ -63,7 +63,7 @@ class Recipe:
     patience: int            # retrieval epochs without a better validation loss before stopping
     index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
-    augment: bool            # retrieval phase: random crops/flips/jitter of every training image
+    augment: bool            # retrieval phase: random crops/flips/jitter of the query images
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
 
 
@@ -74,8 +74,8 @@ RECIPES = {
                     index_dropout=None, index_mix=0.0, augment=False, label_smoothing=0.0),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
-                   retrieval_epochs=30, retrieval_lr=5e-4, patience=4,
-                   index_dropout=None, index_mix=0.0, augment=False, label_smoothing=0.0),
+                   retrieval_epochs=15, retrieval_lr=5e-4, patience=3,
+                   index_dropout=0.0, index_mix=1.0, augment=True, label_smoothing=0.1),
 }
 
 
@@ -155,13 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's; fast 2e-3, paper 5e-4)")
     g.add_argument("--batch-size", type=int, help="images per step (default: the recipe's, 32)")
     g.add_argument("--index-epochs", type=int, help="indexing epoch cap (default: the recipe's; fast 150, paper 1000)")
+    g.add_argument("--index-dropout", type=float,
+                   help="dropout while indexing (default: the recipe's; fast 0, paper = --dropout)")
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
-    g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 30, paper 75)")
+    g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 15, paper 75)")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
     g.add_argument("--index-mix", type=float,
                    help="retrieval phase: IDB pairs mixed in per query pair, against forgetting (default: the recipe's)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="retrieval phase: augmented views of the training images (default: the recipe's)")
+                   help="retrieval phase: augmented views of the query images (default: the recipe's)")
     g.add_argument("--label-smoothing", type=float, help="retrieval phase label smoothing (default: the recipe's)")
     g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
     g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
@@ -204,6 +206,8 @@ def check_args(a: argparse.Namespace) -> None:
     for name in ("db_size", "depth", "dim", "mlp_dim", "heads", "bovw_k"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.index_dropout is not None and not 0.0 <= a.index_dropout < 1.0:
+        raise UsageError(f"--index-dropout must lie in [0, 1), got {a.index_dropout}")
     if a.index_mix is not None and a.index_mix < 0:
         raise UsageError(f"--index-mix must be 0 or more, got {a.index_mix}")
     if a.label_smoothing is not None and not 0.0 <= a.label_smoothing < 1.0:
@@ -223,7 +227,7 @@ def check_args(a: argparse.Namespace) -> None:
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
     r = RECIPES[a.recipe]
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
-            "retrieval_epochs": a.retrieval_epochs, "index_mix": a.index_mix, "augment": a.augment,
+            "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout, "index_mix": a.index_mix, "augment": a.augment,
             "label_smoothing": a.label_smoothing}
     return replace(r, **{k: v for k, v in over.items() if v is not None})
 
@@ -273,11 +277,12 @@ def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
 
 
 def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
-              choose_targets=None, augment_gen=None, smoothing=0.0) -> tuple[float, float]:
+              choose_targets=None, augment_gen=None, augment_below=None, smoothing=0.0) -> tuple[float, float]:
     """One pass over `order` (indices into images). Returns mean loss and exact-match accuracy.
 
     images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, L).
-    augment_gen: a torch.Generator to draw augmented views with, or None for the images as they are.
+    augment_gen: a torch.Generator to draw augmented views with, or None for the images as they are;
+    augment_below: only images whose index is below it get augmented views (None = every image).
     """
     model.train()
     total_loss, total_hit, seen = 0.0, 0, 0
@@ -285,7 +290,9 @@ def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, d
         idx = order[start:start + batch_size]
         x = data.normalize(images[idx].to(device))                        # (B, 3, S, S)
         if augment_gen is not None:
-            x = data.augment(x, augment_gen)
+            views = idx < (augment_below if augment_below is not None else len(images))  # (B,) bool
+            if views.any():
+                x[views] = data.augment(x[views], augment_gen)
         y = (targets[idx] if choose_targets is None else choose_targets(idx)).to(device)  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x, y[:, :-1])                                   # (B, L-1, V)
@@ -454,17 +461,19 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
         q_rank, q_ms = rank_dsi(model, images[torch.as_tensor(split.test)], trie, RANK_DEPTH, beam, device,
                                 log=log, what="test queries")
         row = score_row("ViT DSI", variant, db_rank, idb_ids, q_rank, test_rel, common)
-        row.update(train_seconds=round(train_s, 2), query_ms=round(q_ms, 2), epochs=epoch)
+        row.update(train_seconds=round(train_s, 2), query_ms=round(q_ms, 2), index_epochs=epoch,
+                   index_seconds_per_epoch=round(index_s / epoch, 3),
+                   index_images_per_s=round(len(split.idb) * epoch / index_s, 1), retrieval_epochs=ret_epochs)
         log(f"ViT DSI {variant}: IA@1 {row['IA@1']:.3f}  IA@5 {row['IA@5']:.3f}  P@10 {row['P@10']:.3f}  "
             f"MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}  ({q_ms:.1f} ms/query)")
         return row
 
+    ret_epochs = 0
     rows.append(evaluate("zero-shot", index_s))
-    retrieval_s = 0.0
 
     # ---- retrieval phase (paper §3.2): query image -> the ID of a relevant IDB image ----
     if not a.no_finetune:
-        retrieval_s = finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log)
+        retrieval_s, ret_epochs = finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log)
         rows.append(evaluate("fine-tuned", index_s + retrieval_s))
 
     save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
@@ -473,7 +482,7 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     return rows
 
 
-def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log) -> float:
+def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log) -> tuple[float, int]:
     """Retrieval phase: each training query is paired with a relevant IDB image's ID, drawn anew every
     epoch (so the model sees the whole relevant set); early stopping on the validation loss."""
     idb_labels = [imageset.labels[i] for i in split.idb]
@@ -483,9 +492,10 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     keep_va = [i for i, r in enumerate(rel_val) if r]
     if not keep_tr or not keep_va:
         log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
-        return 0.0
+        return 0.0, 0
     # Training pool: the queries, then the IDB images; an epoch takes every query and, with
     # --index-mix R, R IDB pairs (image -> own ID) per query, so the index is rehearsed, not forgotten.
+    # Rehearsal pairs stay clean: the index must be recalled from the very images that were indexed.
     n_q, n_idb = len(keep_tr), len(split.idb)
     tr_images = images[torch.as_tensor(np.concatenate([split.train[keep_tr], split.idb]))]
     va_images = images[torch.as_tensor(split.val[keep_va])]
@@ -520,7 +530,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
         order = order[torch.randperm(len(order), generator=gen)]
         loss, acc = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
                               device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
-                              smoothing=recipe.label_smoothing)
+                              augment_below=n_q, smoothing=recipe.label_smoothing)
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)
@@ -538,7 +548,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
             log(f"retrieval: validation loss has not improved for {recipe.patience} epochs; stopping")
             break
     model.load_state_dict(best_state)
-    return time.perf_counter() - t_start
+    return time.perf_counter() - t_start, epoch
 
 
 def pick_device(name: str) -> torch.device:

@@ -44,7 +44,8 @@ def test_run_writes_every_output(tiny_run):
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):
     assert train.main(TINY + ["--out", str(tmp_path)]) == 0
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train_seconds", "query_ms")} for r in rows]  # noqa: E731
+    timing = ("train_seconds", "query_ms", "index_seconds_per_epoch", "index_images_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     first = json.loads((tiny_run / "results.json").read_text())["rows"]
     second = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert strip(first) == strip(second)
@@ -113,3 +114,15 @@ def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
     import torch
     ids = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ids"]
     assert len(set(ids)) == len(ids) == 16
+
+
+def test_sweep_writes_one_combined_table(tmp_path):
+    argv = TINY + ["--sweep", "--sweep-sizes", "64", "--sweep-ids", "clustered", "random", "--no-finetune",
+                   "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    # BoVW does not depend on the ID scheme: one row per db size; one zero-shot DSI row per cell.
+    assert [(r["model"], r["ids"]) for r in rows] == [("BoVW", "clustered"), ("ViT DSI", "clustered"),
+                                                     ("ViT DSI", "random")]
+    assert (tmp_path / "64-random" / "checkpoint.pt").exists()
+    assert "| ViT DSI | zero-shot | 64 | random |" in (tmp_path / "results.md").read_text()
