@@ -587,12 +587,13 @@ def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
 def draw_curves(curves: dict, path: str, title: str) -> None:
     """Paper Figures 1-3 with Pillow: indexing loss/accuracy, retrieval train/val loss and accuracy."""
     from PIL import Image, ImageDraw
-    panels = [("indexing loss", [("train", curves.get("index_loss", []), (31, 119, 180))]),
-              ("indexing exact-match accuracy", [("train", curves.get("index_acc", []), (31, 119, 180))]),
-              ("retrieval loss", [("train", curves.get("ret_train_loss", []), (31, 119, 180)),
-                                  ("val", curves.get("ret_val_loss", []), (214, 39, 40))]),
-              ("retrieval accuracy", [("train", curves.get("ret_train_acc", []), (31, 119, 180)),
-                                      ("val", curves.get("ret_val_acc", []), (214, 39, 40))])]
+    blue, red = (31, 119, 180), (214, 39, 40)
+    panels = [("indexing loss", [("train", curves.get("index_loss", []), blue)]),
+              ("indexing exact-match accuracy", [("train", curves.get("index_acc", []), blue)]),
+              ("retrieval loss", [("train", curves.get("ret_train_loss", []), blue),
+                                  ("val", curves.get("ret_val_loss", []), red)]),
+              ("retrieval exact match (the drawn relevant ID)", [("train", curves.get("ret_train_acc", []), blue),
+                                                                 ("val", curves.get("ret_val_acc", []), red)])]
     w, h, pad = 420, 260, 40
     img = Image.new("RGB", (2 * w, 2 * h + 30), "white")
     draw = ImageDraw.Draw(img)
