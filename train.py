@@ -473,7 +473,8 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
 
     # ---- retrieval phase (paper §3.2): query image -> the ID of a relevant IDB image ----
     if not a.no_finetune:
-        retrieval_s, ret_epochs = finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log)
+        retrieval_s, ret_epochs, optimizer = finetune(a, recipe, model, images, split, imageset, idb_ids, device,
+                                                      gen, curves, log, optimizer)
         rows.append(evaluate("fine-tuned", index_s + retrieval_s))
 
     save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
@@ -482,9 +483,10 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     return rows
 
 
-def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log) -> tuple[float, int]:
+def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log, optimizer):
     """Retrieval phase: each training query is paired with a relevant IDB image's ID, drawn anew every
-    epoch (so the model sees the whole relevant set); early stopping on the validation loss."""
+    epoch (so the model sees the whole relevant set); early stopping on the validation loss.
+    Returns (seconds, epochs run, the optimizer that produced the final weights)."""
     idb_labels = [imageset.labels[i] for i in split.idb]
     rel_train = data.relevant_sets([imageset.labels[i] for i in split.train], idb_labels, idb_ids)
     rel_val = data.relevant_sets([imageset.labels[i] for i in split.val], idb_labels, idb_ids)
@@ -492,7 +494,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     keep_va = [i for i, r in enumerate(rel_val) if r]
     if not keep_tr or not keep_va:
         log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
-        return 0.0, 0
+        return 0.0, 0, optimizer
     # Training pool: the queries, then the IDB images; an epoch takes every query and, with
     # --index-mix R, R IDB pairs (image -> own ID) per query, so the index is rehearsed, not forgotten.
     # Rehearsal pairs stay clean: the index must be recalled from the very images that were indexed.
@@ -548,7 +550,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
             log(f"retrieval: validation loss has not improved for {recipe.patience} epochs; stopping")
             break
     model.load_state_dict(best_state)
-    return time.perf_counter() - t_start, epoch
+    return time.perf_counter() - t_start, epoch, optimizer
 
 
 def pick_device(name: str) -> torch.device:
