@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic-multilabel", "imagenet", "coco"],
                    help="image source; synthetic is built in (no files)")
     g.add_argument("--data-root", help="imagenet: ImageFolder root DIR/<class>/<image>; coco: the images folder")
-    g.add_argument("--coco-annotations", help="coco: official instances_*.json")
+    g.add_argument("--coco-annotations", nargs="+", metavar="JSON",
+                   help="coco: official instances_*.json file(s); several are merged (e.g. train + val)")
     g.add_argument("--db-size", type=int, default=512, help="images drawn for the run (IDB + queries), paper Table 1")
     g.add_argument("--index-fraction", type=float, default=0.25, help="share of the drawn images that is indexed (IDB)")
     g.add_argument("--ids", default="clustered", choices=["clustered", "random", "semantic"],
