@@ -62,6 +62,7 @@ class Recipe:
     retrieval_lr: float      # peak learning rate of the retrieval phase
     patience: int            # retrieval epochs without a better validation loss before stopping
     index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
+    index_views: float       # indexing: augmented views per IDB image per epoch, as pseudo-queries
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
     augment: bool            # retrieval phase: random crops/flips/jitter of the query images
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
@@ -71,11 +72,11 @@ RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
                     schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
                     retrieval_epochs=75, retrieval_lr=5e-4, patience=10,
-                    index_dropout=None, index_mix=0.0, augment=False, label_smoothing=0.0),
+                    index_dropout=None, index_views=0.0, index_mix=0.0, augment=False, label_smoothing=0.0),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
                    retrieval_epochs=15, retrieval_lr=5e-4, patience=3,
-                   index_dropout=0.0, index_mix=1.0, augment=True, label_smoothing=0.1),
+                   index_dropout=0.0, index_views=0.0, index_mix=1.0, augment=True, label_smoothing=0.1),
 }
 
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index-epochs", type=int, help="indexing epoch cap (default: the recipe's; fast 150, paper 1000)")
     g.add_argument("--index-dropout", type=float,
                    help="dropout while indexing (default: the recipe's; fast 0, paper = --dropout)")
+    g.add_argument("--index-views", type=float,
+                   help="indexing: augmented views per IDB image per epoch, labelled with its ID (default: the recipe's, 0)")
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
     g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 15, paper 75)")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
@@ -209,6 +212,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.index_dropout is not None and not 0.0 <= a.index_dropout < 1.0:
         raise UsageError(f"--index-dropout must lie in [0, 1), got {a.index_dropout}")
+    if a.index_views is not None and a.index_views < 0:
+        raise UsageError(f"--index-views must be 0 or more, got {a.index_views}")
     if a.index_mix is not None and a.index_mix < 0:
         raise UsageError(f"--index-mix must be 0 or more, got {a.index_mix}")
     if a.label_smoothing is not None and not 0.0 <= a.label_smoothing < 1.0:
@@ -228,7 +233,8 @@ def check_args(a: argparse.Namespace) -> None:
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
     r = RECIPES[a.recipe]
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
-            "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout, "index_mix": a.index_mix, "augment": a.augment,
+            "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout,
+            "index_views": a.index_views, "index_mix": a.index_mix, "augment": a.augment,
             "label_smoothing": a.label_smoothing}
     return replace(r, **{k: v for k, v in over.items() if v is not None})
 
@@ -277,23 +283,30 @@ def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
     return loss, hit.all(dim=1)
 
 
+def spread(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` indices into range(n), each used at most once more than any other, in random order."""
+    rounds = [torch.randperm(n, generator=gen) for _ in range(-(-count // n))]
+    return torch.cat(rounds)[:count] if rounds else torch.empty(0, dtype=torch.long)
+
+
 def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
-              choose_targets=None, augment_gen=None, augment_below=None, smoothing=0.0) -> tuple[float, float]:
-    """One pass over `order` (indices into images). Returns mean loss and exact-match accuracy.
+              choose_targets=None, augment_gen=None, augmented=None, smoothing=0.0) -> tuple[float, float, float]:
+    """One pass over `order` (indices into images).
 
     images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, L).
-    augment_gen: a torch.Generator to draw augmented views with, or None for the images as they are;
-    augment_below: only images whose index is below it get augmented views (None = every image).
+    augment_gen: a torch.Generator to draw augmented views with; augmented: (n,) bool, which pool
+    entries are shown as a random view rather than as they are (None = none).
+    Returns mean loss, exact-match accuracy over all samples, and over the un-augmented ones.
     """
     model.train()
-    total_loss, total_hit, seen = 0.0, 0, 0
+    total_loss, total_hit, seen, clean_hit, clean_seen = 0.0, 0, 0, 0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x = data.normalize(images[idx].to(device))                        # (B, 3, S, S)
-        if augment_gen is not None:
-            views = idx < (augment_below if augment_below is not None else len(images))  # (B,) bool
-            if views.any():
-                x[views] = data.augment(x[views], augment_gen)
+        views = augmented[idx] if augmented is not None else torch.zeros(len(idx), dtype=torch.bool)  # (B,)
+        if views.any():
+            on = views.to(x.device)
+            x[on] = data.augment(x[on], augment_gen)
         y = (targets[idx] if choose_targets is None else choose_targets(idx)).to(device)  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x, y[:, :-1])                                   # (B, L-1, V)
@@ -305,7 +318,9 @@ def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, d
         total_loss += loss.item() * len(idx)
         total_hit += int(hit.sum())
         seen += len(idx)
-    return total_loss / seen, total_hit / seen
+        clean_hit += int(hit[~views.to(hit.device)].sum())
+        clean_seen += int((~views).sum())
+    return total_loss / seen, total_hit / seen, clean_hit / max(1, clean_seen)
 
 
 @torch.no_grad()
@@ -427,16 +442,25 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     optimizer = make_optimizer(model, recipe, recipe.lr)
     if recipe.index_dropout is not None:
         set_dropout(model, recipe.index_dropout)
-    steps = math.ceil(len(split.idb) / recipe.batch_size)
+    # Pseudo-queries (the image analogue of DSI-QG): with --index-views V, each epoch also shows
+    # V augmented views per IDB image, labelled with that image's own ID. Pool = clean IDB, then views.
+    n_idb = len(split.idb)
+    n_views = round(recipe.index_views * n_idb)
+    pool_images = torch.cat([idb_images, idb_images]) if n_views else idb_images
+    pool_targets = torch.cat([targets_idb, targets_idb]) if n_views else targets_idb
+    pool_views = torch.arange(len(pool_images)) >= n_idb                      # (pool,) bool
+    view_gen = torch.Generator().manual_seed(a.seed + 2)
+    steps = math.ceil((n_idb + n_views) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
     curves["index_loss"], curves["index_acc"] = [], []
     t_index = time.perf_counter()
     train_ia = 0.0
     for epoch in range(1, recipe.index_epochs + 1):
         t0 = time.perf_counter()
-        order = torch.randperm(len(split.idb), generator=gen)
-        loss, acc = run_epoch(model, optimizer, scheduler, idb_images, targets_idb, order,
-                              recipe.batch_size, device, recipe.bf16)
+        order = torch.cat([torch.arange(n_idb), n_idb + spread(n_views, n_idb, gen)])
+        order = order[torch.randperm(len(order), generator=gen)]
+        loss, _, acc = run_epoch(model, optimizer, scheduler, pool_images, pool_targets, order,
+                                 recipe.batch_size, device, recipe.bf16, augment_gen=view_gen, augmented=pool_views)
         # Exact match under teacher forcing is free; only when it passes the target do we pay for
         # the real check: IA@1 by beam search with dropout off.
         if acc >= a.index_target_acc or epoch == recipe.index_epochs:
@@ -516,7 +540,8 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
 
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
     steps = math.ceil((n_q + n_mix) / recipe.batch_size)
-    aug_gen = torch.Generator().manual_seed(a.seed + 1) if recipe.augment else None
+    aug_gen = torch.Generator().manual_seed(a.seed + 1)
+    query_views = (torch.arange(n_q + n_idb) < n_q) & recipe.augment            # (n_q + n_idb,) bool
     log(f"retrieval: {n_q} query pairs + {n_mix} IDB pairs per epoch, augment {'on' if recipe.augment else 'off'}, "
         f"label smoothing {recipe.label_smoothing}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
@@ -526,14 +551,11 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     t_start = time.perf_counter()
     for epoch in range(1, recipe.retrieval_epochs + 1):
         t0 = time.perf_counter()
-        # n_mix IDB images, each at most once more than any other (a random subset when n_mix < n_idb)
-        rounds = [torch.randperm(n_idb, generator=gen) for _ in range(-(-n_mix // n_idb))]
-        mix = n_q + torch.cat(rounds)[:n_mix] if rounds else torch.empty(0, dtype=torch.long)
-        order = torch.cat([torch.arange(n_q), mix])
+        order = torch.cat([torch.arange(n_q), n_q + spread(n_mix, n_idb, gen)])
         order = order[torch.randperm(len(order), generator=gen)]
-        loss, acc = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
-                              device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
-                              augment_below=n_q, smoothing=recipe.label_smoothing)
+        loss, acc, _ = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
+                                 device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
+                                 augmented=query_views, smoothing=recipe.label_smoothing)
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)

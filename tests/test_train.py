@@ -102,7 +102,7 @@ def test_cli_error_has_no_traceback():
 
 
 def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
-    argv = TINY + ["--ids", "semantic", "--index-mix", "1.0", "--augment", "--label-smoothing", "0.1",
+    argv = TINY + ["--ids", "semantic", "--index-mix", "1.0", "--augment", "--label-smoothing", "0.1", "--index-views", "0.5",
                    "--out", str(tmp_path)]
     assert train.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
