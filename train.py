@@ -526,17 +526,23 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     n_q, n_idb = len(keep_tr), len(split.idb)
     tr_images = images[torch.as_tensor(np.concatenate([split.train[keep_tr], split.idb]))]
     va_images = images[torch.as_tensor(split.val[keep_va])]
-    tr_choices = [sorted(rel_train[i]) for i in keep_tr] + [[i] for i in idb_ids]
+    # Relevant IDB positions of every pool entry, flattened: entry e may take any of
+    # choices[offsets[e] : offsets[e] + counts[e]] (an IDB entry only its own position).
+    position = {id_str: j for j, id_str in enumerate(idb_ids)}
+    lists = [sorted(position[r] for r in rel_train[i]) for i in keep_tr] + [[j] for j in range(len(idb_ids))]
+    counts = torch.tensor([len(c) for c in lists])
+    offsets = torch.cumsum(counts, 0) - counts
+    choices = torch.tensor([j for c in lists for j in c])
+    id_tokens = data.ids_to_tensor(idb_ids)                                    # (n_idb, L)
     n_mix = round(recipe.index_mix * n_q)
     rng = np.random.default_rng(a.seed)
     # A fixed draw for validation, so its loss is comparable from epoch to epoch.
     va_targets = data.ids_to_tensor([sorted(rel_val[i])[rng.integers(len(rel_val[i]))] for i in keep_va])
-    width = data.ids_to_tensor(idb_ids).shape[1]
 
     def draw_targets(batch_idx: torch.Tensor) -> torch.Tensor:
-        ids = [tr_choices[i][rng.integers(len(tr_choices[i]))] for i in batch_idx.tolist()]
-        t = data.ids_to_tensor(ids)
-        return F.pad(t, (0, width - t.shape[1]), value=data.PAD)           # (B, L) like the IDB targets
+        """One uniformly drawn relevant ID per pool entry, as tokens (B, L); vectorised over the batch."""
+        pick = (torch.rand(len(batch_idx), generator=gen) * counts[batch_idx]).long()   # (B,) in [0, count)
+        return id_tokens[choices[offsets[batch_idx] + pick]]
 
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
     steps = math.ceil((n_q + n_mix) / recipe.batch_size)
