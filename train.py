@@ -529,7 +529,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     # Relevant IDB positions of every pool entry, flattened: entry e may take any of
     # choices[offsets[e] : offsets[e] + counts[e]] (an IDB entry only its own position).
     position = {id_str: j for j, id_str in enumerate(idb_ids)}
-    lists = [sorted(position[r] for r in rel_train[i]) for i in keep_tr] + [[j] for j in range(len(idb_ids))]
+    lists = [[position[r] for r in sorted(rel_train[i])] for i in keep_tr] + [[j] for j in range(len(idb_ids))]
     counts = torch.tensor([len(c) for c in lists])
     offsets = torch.cumsum(counts, 0) - counts
     choices = torch.tensor([j for c in lists for j in c])
@@ -541,7 +541,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
 
     def draw_targets(batch_idx: torch.Tensor) -> torch.Tensor:
         """One uniformly drawn relevant ID per pool entry, as tokens (B, L); vectorised over the batch."""
-        pick = (torch.rand(len(batch_idx), generator=gen) * counts[batch_idx]).long()   # (B,) in [0, count)
+        pick = torch.from_numpy(rng.integers(0, counts[batch_idx].numpy()))          # (B,) in [0, count)
         return id_tokens[choices[offsets[batch_idx] + pick]]
 
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
