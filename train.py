@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import bovw
 import data
@@ -86,7 +88,6 @@ RECIPES = {
 
 def set_seed(seed: int) -> None:
     """One seed for Python's random, numpy and torch (STYLE rule 9)."""
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -355,13 +356,10 @@ def rank_dsi(model, images, trie, k, beam, device, batch_size=64, log=None, what
 
 
 def score_row(model_name, variant, rankings_db, idb_ids, rankings_q, relevants, common) -> dict:
-    """One row of Table 1, every metric from metrics.py; IA is null where no IDB ranking was made."""
+    """One row of Table 1, every metric from metrics.py, for BoVW and the DSI alike (STYLE rule 11)."""
     row = {"model": model_name, "variant": variant, **common}
-    if rankings_db is not None:
-        row["IA@1"] = metrics.indexing_accuracy(rankings_db, idb_ids, 1)
-        row["IA@5"] = metrics.indexing_accuracy(rankings_db, idb_ids, 5)
-    else:
-        row["IA@1"] = row["IA@5"] = None
+    row["IA@1"] = metrics.indexing_accuracy(rankings_db, idb_ids, 1)
+    row["IA@5"] = metrics.indexing_accuracy(rankings_db, idb_ids, 5)
     row.update(metrics.retrieval_metrics(rankings_q, relevants))
     return row
 
@@ -617,7 +615,6 @@ def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
 
 def draw_curves(curves: dict, path: str, title: str) -> None:
     """Paper Figures 1-3 with Pillow: indexing loss/accuracy, retrieval train/val loss and accuracy."""
-    from PIL import Image, ImageDraw
     blue, red = (31, 119, 180), (214, 39, 40)
     panels = [("indexing loss", [("train", curves.get("index_loss", []), blue)]),
               ("indexing exact-match accuracy", [("train", curves.get("index_acc", []), blue)]),

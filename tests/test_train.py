@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -52,7 +53,6 @@ def test_same_seed_same_metrics(tiny_run, tmp_path):
 
 
 def test_query_mode_finds_a_database_image(tiny_run, tmp_path, capsys):
-    import torch
     ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
     ref = ckpt["idb_refs"][3]                                    # "synthetic:<index>"
     index = int(ref.split(":")[1])
@@ -111,7 +111,6 @@ def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
     log = (tmp_path / "train.log").read_text()
     assert "semantic IDs: hierarchical k-means" in log
     assert "augment on, label smoothing 0.1" in log
-    import torch
     ids = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ids"]
     assert len(set(ids)) == len(ids) == 16
 
