@@ -68,17 +68,21 @@ class Recipe:
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
     augment: bool            # retrieval phase: random crops/flips/jitter of the query images
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
+    retrieval_targets: int   # retrieval phase: relevant IDs drawn per query per step (one encoder pass)
+    rdrop: float             # retrieval phase: weight of R-Drop consistency between two dropout passes
 
 
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
                     schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
                     retrieval_epochs=75, retrieval_lr=5e-4, patience=10,
-                    index_dropout=None, index_views=0.0, index_mix=0.0, augment=False, label_smoothing=0.0),
+                    index_dropout=None, index_views=0.0, index_mix=0.0, augment=False, label_smoothing=0.0,
+                    retrieval_targets=1, rdrop=0.0),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
                    retrieval_epochs=15, retrieval_lr=5e-4, patience=3,
-                   index_dropout=0.0, index_views=0.0, index_mix=1.0, augment=True, label_smoothing=0.1),
+                   index_dropout=0.0, index_views=0.0, index_mix=1.0, augment=True, label_smoothing=0.1,
+                   retrieval_targets=1, rdrop=0.0),
 }
 
 
@@ -170,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="retrieval phase: augmented views of the query images (default: the recipe's)")
     g.add_argument("--label-smoothing", type=float, help="retrieval phase label smoothing (default: the recipe's)")
+    g.add_argument("--retrieval-targets", type=int,
+                   help="retrieval phase: relevant IDs trained per query per step, sharing one encoder pass "
+                        "(default: the recipe's)")
+    g.add_argument("--rdrop", type=float,
+                   help="retrieval phase: R-Drop weight, KL between two dropout passes (default: the recipe's, 0 = off)")
     g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
     g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
     g.add_argument("--beam", type=int, help="beam width of the decoder (default: the list length asked for)")
@@ -219,7 +228,9 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--index-mix must be 0 or more, got {a.index_mix}")
     if a.label_smoothing is not None and not 0.0 <= a.label_smoothing < 1.0:
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {a.label_smoothing}")
-    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "beam"):
+    if a.rdrop is not None and a.rdrop < 0:
+        raise UsageError(f"--rdrop must be 0 or more, got {a.rdrop}")
+    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_targets", "beam"):
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -236,7 +247,7 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
             "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout,
             "index_views": a.index_views, "index_mix": a.index_mix, "augment": a.augment,
-            "label_smoothing": a.label_smoothing}
+            "label_smoothing": a.label_smoothing, "retrieval_targets": a.retrieval_targets, "rdrop": a.rdrop}
     return replace(r, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -284,6 +295,17 @@ def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
     return loss, hit.all(dim=1)
 
 
+def rdrop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """R-Drop (Liang et al. 2021, used by NCI): symmetric KL between the token distributions of two
+    forward passes that differ only in their dropout masks, averaged over the non-PAD target positions.
+    logits_a, logits_b (B, L-1, V); targets (B, L)."""
+    keep = targets[:, 1:] != data.PAD                                       # (B, L-1)
+    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)   # (B, L-1, V)
+    kl_ab = (log_a.exp() * (log_a - log_b)).sum(-1)                         # KL(a || b) per position
+    kl_ba = (log_b.exp() * (log_b - log_a)).sum(-1)                         # KL(b || a)
+    return (0.5 * (kl_ab + kl_ba))[keep].mean()
+
+
 def spread(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """`count` indices into range(n), each used at most once more than any other, in random order."""
     rounds = [torch.randperm(n, generator=gen) for _ in range(-(-count // n))]
@@ -291,15 +313,20 @@ def spread(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
-              choose_targets=None, augment_gen=None, augmented=None, smoothing=0.0) -> tuple[float, float, float]:
+              choose_targets=None, augment_gen=None, augmented=None, smoothing=0.0,
+              rdrop=0.0) -> tuple[float, float, float]:
     """One pass over `order` (indices into images).
 
-    images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, L).
+    images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, G, L),
+    G target IDs per image that share one encoder pass (the decoder reads the same patches G times).
     augment_gen: a torch.Generator to draw augmented views with; augmented: (n,) bool, which pool
     entries are shown as a random view rather than as they are (None = none).
-    Returns mean loss, exact-match accuracy over all samples, and over the un-augmented ones.
+    rdrop: weight of the R-Drop consistency term; > 0 runs every image twice, under two dropout masks.
+    Returns mean loss, exact-match accuracy over all samples (any of its G targets), and over the
+    un-augmented ones.
     """
     model.train()
+    passes = 2 if rdrop > 0 else 1
     total_loss, total_hit, seen, clean_hit, clean_seen = 0.0, 0, 0, 0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -308,17 +335,23 @@ def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, d
         if views.any():
             on = views.to(x.device)
             x[on] = data.augment(x[on], augment_gen)
-        y = (targets[idx] if choose_targets is None else choose_targets(idx)).to(device)  # (B, L)
+        y = targets[idx].unsqueeze(1) if choose_targets is None else choose_targets(idx)  # (B, G, L)
+        B, G = y.shape[:2]
+        x = x.repeat(passes, 1, 1, 1)                                      # (P*B, 3, S, S): same views
+        y = y.repeat(passes, 1, 1).flatten(0, 1).to(device)                # (P*B*G, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, y[:, :-1])                                   # (B, L-1, V)
+            logits = model.decode(model.encode(x), y[:, :-1])              # (P*B*G, L-1, V)
         loss, hit = seq_loss(logits, y, smoothing)
+        if passes == 2:
+            loss = loss + rdrop * rdrop_loss(*logits.chunk(2), y[:B * G])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(idx)
+        hit = hit[:B * G].view(B, G).any(dim=1)                             # (B,) first pass
+        total_loss += loss.item() * B
         total_hit += int(hit.sum())
-        seen += len(idx)
+        seen += B
         clean_hit += int(hit[~views.to(hit.device)].sum())
         clean_seen += int((~views).sum())
     return total_loss / seen, total_hit / seen, clean_hit / max(1, clean_seen)
@@ -326,17 +359,18 @@ def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, d
 
 @torch.no_grad()
 def eval_loss(model, images, targets, batch_size, device, bf16) -> tuple[float, float]:
-    """Teacher-forced loss and exact-match accuracy, dropout off."""
+    """Teacher-forced loss and exact-match accuracy (any of the G targets), dropout off.
+    images (n, 3, S, S) uint8; targets (n, G, L): G target IDs per image."""
     model.eval()
     total_loss, total_hit = 0.0, 0
     for start in range(0, len(images), batch_size):
         x = data.normalize(images[start:start + batch_size].to(device))
-        y = targets[start:start + batch_size].to(device)
+        y = targets[start:start + batch_size].to(device)                   # (B, G, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, y[:, :-1])
-        loss, hit = seq_loss(logits, y)
+            logits = model.decode(model.encode(x), y.flatten(0, 1)[:, :-1])
+        loss, hit = seq_loss(logits, y.flatten(0, 1))
         total_loss += loss.item() * len(x)
-        total_hit += int(hit.sum())
+        total_hit += int(hit.view(len(x), -1).any(dim=1).sum())
     return total_loss / len(images), total_hit / len(images)
 
 
@@ -534,20 +568,23 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     id_tokens = data.ids_to_tensor(idb_ids)                                    # (n_idb, L)
     n_mix = round(recipe.index_mix * n_q)
     rng = np.random.default_rng(a.seed)
-    # A fixed draw for validation, so its loss is comparable from epoch to epoch.
-    va_targets = data.ids_to_tensor([sorted(rel_val[i])[rng.integers(len(rel_val[i]))] for i in keep_va])
+    G = recipe.retrieval_targets
+    # A fixed draw for validation (G relevant IDs per query), so its loss is comparable from epoch to epoch.
+    va_ids = [sorted(rel_val[i])[j] for i in keep_va for j in rng.integers(len(rel_val[i]), size=G)]
+    va_targets = data.ids_to_tensor(va_ids).view(len(keep_va), G, -1)           # (n_val, G, L)
 
     def draw_targets(batch_idx: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn relevant ID per pool entry, as tokens (B, L); vectorised over the batch."""
-        pick = torch.from_numpy(rng.integers(0, counts[batch_idx].numpy()))          # (B,) in [0, count)
-        return id_tokens[choices[offsets[batch_idx] + pick]]
+        """G uniformly drawn relevant IDs per pool entry (with replacement), as tokens (B, G, L);
+        an IDB entry gets its own ID G times. Vectorised over the batch."""
+        pick = torch.from_numpy(rng.integers(0, counts[batch_idx].numpy()[:, None], size=(len(batch_idx), G)))
+        return id_tokens[choices[offsets[batch_idx].unsqueeze(1) + pick]]     # (B, G) positions -> (B, G, L)
 
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
     steps = math.ceil((n_q + n_mix) / recipe.batch_size)
     aug_gen = torch.Generator().manual_seed(a.seed + 1)
     query_views = (torch.arange(n_q + n_idb) < n_q) & recipe.augment            # (n_q + n_idb,) bool
-    log(f"retrieval: {n_q} query pairs + {n_mix} IDB pairs per epoch, augment {'on' if recipe.augment else 'off'}, "
-        f"label smoothing {recipe.label_smoothing}")
+    log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, "
+        f"augment {'on' if recipe.augment else 'off'}, label smoothing {recipe.label_smoothing}, R-Drop {recipe.rdrop}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
     best, best_state, bad = float("inf"), None, 0
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"):
@@ -559,7 +596,7 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
         order = order[torch.randperm(len(order), generator=gen)]
         loss, acc, _ = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
                                  device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
-                                 augmented=query_views, smoothing=recipe.label_smoothing)
+                                 augmented=query_views, smoothing=recipe.label_smoothing, rdrop=recipe.rdrop)
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)

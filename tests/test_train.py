@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import train
+from vitdsi import ViTDSI, ViTDSIConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--db-size", "64", "--image-size", "64", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
@@ -103,14 +104,14 @@ def test_cli_error_has_no_traceback():
 
 def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
     argv = TINY + ["--ids", "semantic", "--index-mix", "1.0", "--augment", "--label-smoothing", "0.1", "--index-views", "0.5",
-                   "--out", str(tmp_path)]
+                   "--retrieval-targets", "3", "--rdrop", "1.0", "--out", str(tmp_path)]
     assert train.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["ids"] for r in rows} == {"semantic"} and len(rows) == 3
     assert rows[1]["IA@1"] == 1.0                                # the label-free IDs are memorised too
     log = (tmp_path / "train.log").read_text()
     assert "semantic IDs: hierarchical k-means" in log
-    assert "augment on, label smoothing 0.1" in log
+    assert "x 3 relevant IDs" in log and "augment on, label smoothing 0.1, R-Drop 1.0" in log
     ids = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ids"]
     assert len(set(ids)) == len(ids) == 16
 
@@ -125,3 +126,41 @@ def test_sweep_writes_one_combined_table(tmp_path):
                                                      ("ViT DSI", "random")]
     assert (tmp_path / "64-random" / "checkpoint.pt").exists()
     assert "| ViT DSI | zero-shot | 64 | random |" in (tmp_path / "results.md").read_text()
+
+
+def test_rdrop_loss_is_symmetric_kl_over_real_tokens():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 14), torch.randn(2, 3, 14)                 # (B, L-1, V)
+    targets = torch.tensor([[data.BOS, 1, 2, data.EOS], [data.BOS, 3, data.EOS, data.PAD]])
+    log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)                       # noqa: E731, KL(p || q) per position
+    by_hand = [0.5 * (kl(log_a[i, t], log_b[i, t]) + kl(log_b[i, t], log_a[i, t]))
+               for i, t in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]]    # (1, 2) predicts PAD: left out
+    assert torch.allclose(train.rdrop_loss(a, b, targets), torch.stack(by_hand).mean(), atol=1e-6)
+    reference = 0.5 * (torch.nn.functional.kl_div(log_b, log_a, log_target=True, reduction="none").sum(-1)
+                       + torch.nn.functional.kl_div(log_a, log_b, log_target=True, reduction="none").sum(-1))
+    assert torch.allclose(train.rdrop_loss(a, b, targets), reference[targets[:, 1:] != data.PAD].mean(), atol=1e-6)
+    assert train.rdrop_loss(a, a, targets).abs() < 1e-6
+    b2 = b.clone()
+    b2[1, 2] += 5.0                                                     # a PAD position changes nothing
+    assert torch.allclose(train.rdrop_loss(a, b2, targets), train.rdrop_loss(a, b, targets))
+
+
+def test_several_targets_per_image_average_their_losses():
+    """G targets per image share one encoder pass; the loss is the mean of the G single-target losses."""
+    torch.manual_seed(0)
+    model = ViTDSI(ViTDSIConfig(image_size=32, patch_size=16, dim=16, mlp_dim=32, depth=1, heads=2, dropout=0.0, max_len=4))
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    first, second = data.ids_to_tensor(["01", "20", "11"]), data.ids_to_tensor(["12", "20", "02"])
+
+    def epoch(choose):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return train.run_epoch(model, optimizer, scheduler, images, None, torch.arange(3), 3, torch.device("cpu"),
+                               False, choose_targets=choose)
+
+    loss_1, acc_1, _ = epoch(lambda idx: first[idx].unsqueeze(1))
+    loss_2, _, _ = epoch(lambda idx: second[idx].unsqueeze(1))
+    loss_both, _, _ = epoch(lambda idx: torch.stack([first[idx], second[idx]], dim=1))   # (B, 2, L)
+    assert loss_both == pytest.approx((loss_1 + loss_2) / 2, rel=1e-5)
+    assert train.eval_loss(model, images, first.unsqueeze(1), 3, torch.device("cpu"), False)[0] == pytest.approx(loss_1, rel=1e-5)
