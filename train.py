@@ -62,7 +62,8 @@ class Recipe:
     index_epochs: int        # indexing epoch cap (paper: 750-1000 epochs)
     retrieval_epochs: int    # retrieval epoch cap (paper: 75, early stopping on validation loss)
     retrieval_lr: float      # peak learning rate of the retrieval phase
-    patience: int            # retrieval epochs without a better validation loss before stopping
+    patience: int            # retrieval epochs without a better validation score before stopping
+    early_stop: str          # validation score: "loss" (paper, teacher-forced) or "map" (MAP@10 by beam search)
     index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
     index_views: float       # indexing: augmented views per IDB image per epoch, as pseudo-queries
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
@@ -75,12 +76,12 @@ class Recipe:
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
                     schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
-                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10,
+                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10, early_stop="loss",
                     index_dropout=None, index_views=0.0, index_mix=0.0, augment=False, label_smoothing=0.0,
                     retrieval_targets=1, rdrop=0.0),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
-                   retrieval_epochs=15, retrieval_lr=5e-4, patience=3,
+                   retrieval_epochs=15, retrieval_lr=5e-4, patience=3, early_stop="loss",
                    index_dropout=0.0, index_views=0.0, index_mix=1.0, augment=True, label_smoothing=0.1,
                    retrieval_targets=1, rdrop=0.0),
 }
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrieval-targets", type=int,
                    help="retrieval phase: relevant IDs trained per query per step, sharing one encoder pass "
                         "(default: the recipe's)")
+    g.add_argument("--early-stop", choices=["loss", "map"],
+                   help="retrieval phase: keep the epoch with the best validation loss (paper) or validation MAP@10 "
+                        "by beam search (default: the recipe's)")
     g.add_argument("--rdrop", type=float,
                    help="retrieval phase: R-Drop weight, KL between two dropout passes (default: the recipe's, 0 = off)")
     g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
@@ -247,7 +251,8 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
             "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout,
             "index_views": a.index_views, "index_mix": a.index_mix, "augment": a.augment,
-            "label_smoothing": a.label_smoothing, "retrieval_targets": a.retrieval_targets, "rdrop": a.rdrop}
+            "label_smoothing": a.label_smoothing, "retrieval_targets": a.retrieval_targets, "rdrop": a.rdrop,
+            "early_stop": a.early_stop}
     return replace(r, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -530,8 +535,8 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
 
     # ---- retrieval phase (paper §3.2): query image -> the ID of a relevant IDB image ----
     if not a.no_finetune:
-        retrieval_s, ret_epochs, optimizer = finetune(a, recipe, model, images, split, imageset, idb_ids, device,
-                                                      gen, curves, log, optimizer)
+        retrieval_s, ret_epochs, optimizer = finetune(a, recipe, model, images, split, imageset, idb_ids, trie,
+                                                      device, gen, curves, log, optimizer)
         rows.append(evaluate("fine-tuned", index_s + retrieval_s))
 
     save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
@@ -540,9 +545,10 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     return rows
 
 
-def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, curves, log, optimizer):
-    """Retrieval phase: each training query is paired with a relevant IDB image's ID, drawn anew every
-    epoch (so the model sees the whole relevant set); early stopping on the validation loss.
+def finetune(a, recipe, model, images, split, imageset, idb_ids, trie, device, gen, curves, log, optimizer):
+    """Retrieval phase: each training query is paired with relevant IDB images' IDs, drawn anew every
+    epoch (so the model sees the whole relevant set); early stopping on the validation loss, or on the
+    validation MAP@10 of the beam search's ranked lists (`--early-stop map`).
     Returns (seconds, epochs run, the optimizer that produced the final weights)."""
     idb_labels = [imageset.labels[i] for i in split.idb]
     rel_train = data.relevant_sets([imageset.labels[i] for i in split.train], idb_labels, idb_ids)
@@ -586,7 +592,8 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
     log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, "
         f"augment {'on' if recipe.augment else 'off'}, label smoothing {recipe.label_smoothing}, R-Drop {recipe.rdrop}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
-    best, best_state, bad = float("inf"), None, 0
+    va_relevant = [rel_val[i] for i in keep_va]
+    best, best_state, bad = -float("inf"), None, 0
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"):
         curves[key] = []
     t_start = time.perf_counter()
@@ -600,18 +607,26 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, device, gen, cu
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)
-        if v_loss < best:
-            best, bad = v_loss, 0
+        if recipe.early_stop == "map":
+            ranked, _ = rank_dsi(model, va_images, trie, 10, a.beam, device)
+            v_map = metrics.mean_average_precision_at_k(ranked, va_relevant, 10)
+            curves.setdefault("ret_val_map", []).append(v_map)
+        score = v_map if recipe.early_stop == "map" else -v_loss              # higher is better
+        if score > best:
+            best, bad = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
         dt = time.perf_counter() - t0
         eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
         log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
-            f"val loss {v_loss:.4f}  val acc {v_acc:.3f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+            f"val loss {v_loss:.4f}  val acc {v_acc:.3f}  "
+            + (f"val MAP@10 {v_map:.3f}  " if recipe.early_stop == "map" else "")
+            + f"lr {scheduler.get_last_lr()[0]:.2e}  "
             f"{dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
         if bad >= recipe.patience:
-            log(f"retrieval: validation loss has not improved for {recipe.patience} epochs; stopping")
+            what = "MAP@10" if recipe.early_stop == "map" else "loss"
+            log(f"retrieval: validation {what} has not improved for {recipe.patience} epochs; stopping")
             break
     model.load_state_dict(best_state)
     return time.perf_counter() - t_start, epoch, optimizer
@@ -652,13 +667,14 @@ def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
 
 def draw_curves(curves: dict, path: str, title: str) -> None:
     """Paper Figures 1-3 with Pillow: indexing loss/accuracy, retrieval train/val loss and accuracy."""
-    blue, red = (31, 119, 180), (214, 39, 40)
+    blue, red, green = (31, 119, 180), (214, 39, 40), (44, 160, 44)
     panels = [("indexing loss", [("train", curves.get("index_loss", []), blue)]),
               ("indexing exact-match accuracy", [("train", curves.get("index_acc", []), blue)]),
               ("retrieval loss", [("train", curves.get("ret_train_loss", []), blue),
                                   ("val", curves.get("ret_val_loss", []), red)]),
               ("retrieval exact match (the drawn relevant ID)", [("train", curves.get("ret_train_acc", []), blue),
-                                                                 ("val", curves.get("ret_val_acc", []), red)])]
+                                                                 ("val", curves.get("ret_val_acc", []), red),
+                                                                 ("val MAP@10", curves.get("ret_val_map", []), green)])]
     w, h, pad = 420, 260, 40
     img = Image.new("RGB", (2 * w, 2 * h + 30), "white")
     draw = ImageDraw.Draw(img)

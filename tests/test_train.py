@@ -104,7 +104,7 @@ def test_cli_error_has_no_traceback():
 
 def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
     argv = TINY + ["--ids", "semantic", "--index-mix", "1.0", "--augment", "--label-smoothing", "0.1", "--index-views", "0.5",
-                   "--retrieval-targets", "3", "--rdrop", "1.0", "--out", str(tmp_path)]
+                   "--retrieval-targets", "3", "--rdrop", "1.0", "--early-stop", "map", "--out", str(tmp_path)]
     assert train.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["ids"] for r in rows} == {"semantic"} and len(rows) == 3
@@ -112,6 +112,7 @@ def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
     log = (tmp_path / "train.log").read_text()
     assert "semantic IDs: hierarchical k-means" in log
     assert "x 3 relevant IDs" in log and "augment on, label smoothing 0.1, R-Drop 1.0" in log
+    assert "val MAP@10" in log
     ids = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ids"]
     assert len(set(ids)) == len(ids) == 16
 
