@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="indexing: augmented views per IDB image per epoch, labelled with its ID (default: the recipe's, 0)")
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
     g.add_argument("--retrieval-epochs", type=int, help="retrieval epoch cap (default: the recipe's; fast 15, paper 75)")
+    g.add_argument("--retrieval-lr", type=float, help="retrieval phase peak learning rate (default: the recipe's, 5e-4)")
+    g.add_argument("--patience", type=int,
+                   help="retrieval phase: epochs without a better validation score before stopping "
+                        "(default: the recipe's; fast 3, paper 10)")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
     g.add_argument("--index-mix", type=float,
                    help="retrieval phase: IDB pairs mixed in per query pair, against forgetting (default: the recipe's)")
@@ -234,7 +238,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--label-smoothing must lie in [0, 1), got {a.label_smoothing}")
     if a.rdrop is not None and a.rdrop < 0:
         raise UsageError(f"--rdrop must be 0 or more, got {a.rdrop}")
-    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_targets", "beam"):
+    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_lr", "patience",
+                 "retrieval_targets", "beam"):
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -249,7 +254,8 @@ def check_args(a: argparse.Namespace) -> None:
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
     r = RECIPES[a.recipe]
     over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
-            "retrieval_epochs": a.retrieval_epochs, "index_dropout": a.index_dropout,
+            "retrieval_epochs": a.retrieval_epochs, "retrieval_lr": a.retrieval_lr, "patience": a.patience,
+            "index_dropout": a.index_dropout,
             "index_views": a.index_views, "index_mix": a.index_mix, "augment": a.augment,
             "label_smoothing": a.label_smoothing, "retrieval_targets": a.retrieval_targets, "rdrop": a.rdrop,
             "early_stop": a.early_stop}
