@@ -348,8 +348,9 @@ def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, d
             x[on] = data.augment(x[on], augment_gen)
         y = targets[idx].unsqueeze(1) if choose_targets is None else choose_targets(idx)  # (B, G, L)
         B, G = y.shape[:2]
-        x = x.repeat(passes, 1, 1, 1)                                      # (P*B, 3, S, S): same views
-        y = y.repeat(passes, 1, 1).flatten(0, 1).to(device)                # (P*B*G, L)
+        if passes == 2:   # R-Drop: the same views twice in one batch; dropout masks each copy differently
+            x, y = torch.cat([x, x]), torch.cat([y, y])                    # (2B, 3, S, S), (2B, G, L)
+        y = y.flatten(0, 1).to(device)                                     # (P*B*G, L), P = passes
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model.decode(model.encode(x), y[:, :-1])              # (P*B*G, L-1, V)
         loss, hit = seq_loss(logits, y, smoothing)
@@ -599,8 +600,9 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, trie, device, g
         f"augment {'on' if recipe.augment else 'off'}, label smoothing {recipe.label_smoothing}, R-Drop {recipe.rdrop}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
     va_relevant = [rel_val[i] for i in keep_va]
-    best, best_state, bad = -float("inf"), None, 0
-    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"):
+    stop_on_map = recipe.early_stop == "map"
+    best, best_state, bad = -float("inf"), None, 0                          # best = highest score so far
+    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
         curves[key] = []
     t_start = time.perf_counter()
     for epoch in range(1, recipe.retrieval_epochs + 1):
@@ -613,11 +615,11 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, trie, device, g
         v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
         for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
             curves[key].append(v)
-        if recipe.early_stop == "map":
+        if stop_on_map:   # MAP@10 needs only the top 10 of each ranked list
             ranked, _ = rank_dsi(model, va_images, trie, 10, a.beam, device)
             v_map = metrics.mean_average_precision_at_k(ranked, va_relevant, 10)
-            curves.setdefault("ret_val_map", []).append(v_map)
-        score = v_map if recipe.early_stop == "map" else -v_loss              # higher is better
+            curves["ret_val_map"].append(v_map)
+        score = v_map if stop_on_map else -v_loss                             # higher is better
         if score > best:
             best, bad = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -627,12 +629,12 @@ def finetune(a, recipe, model, images, split, imageset, idb_ids, trie, device, g
         eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
         log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
             f"val loss {v_loss:.4f}  val acc {v_acc:.3f}  "
-            + (f"val MAP@10 {v_map:.3f}  " if recipe.early_stop == "map" else "")
+            + (f"val MAP@10 {v_map:.3f}  " if stop_on_map else "")
             + f"lr {scheduler.get_last_lr()[0]:.2e}  "
             f"{dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
         if bad >= recipe.patience:
-            what = "MAP@10" if recipe.early_stop == "map" else "loss"
-            log(f"retrieval: validation {what} has not improved for {recipe.patience} epochs; stopping")
+            log(f"retrieval: validation {'MAP@10' if stop_on_map else 'loss'} has not improved for "
+                f"{recipe.patience} epochs; stopping")
             break
     model.load_state_dict(best_state)
     return time.perf_counter() - t_start, epoch, optimizer

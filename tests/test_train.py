@@ -160,7 +160,7 @@ def test_several_targets_per_image_average_their_losses():
         return train.run_epoch(model, optimizer, scheduler, images, None, torch.arange(3), 3, torch.device("cpu"),
                                False, choose_targets=choose)
 
-    loss_1, acc_1, _ = epoch(lambda idx: first[idx].unsqueeze(1))
+    loss_1, _, _ = epoch(lambda idx: first[idx].unsqueeze(1))
     loss_2, _, _ = epoch(lambda idx: second[idx].unsqueeze(1))
     loss_both, _, _ = epoch(lambda idx: torch.stack([first[idx], second[idx]], dim=1))   # (B, 2, L)
     assert loss_both == pytest.approx((loss_1 + loss_2) / 2, rel=1e-5)
