@@ -165,3 +165,14 @@ def test_several_targets_per_image_average_their_losses():
     loss_both, _, _ = epoch(lambda idx: torch.stack([first[idx], second[idx]], dim=1))   # (B, 2, L)
     assert loss_both == pytest.approx((loss_1 + loss_2) / 2, rel=1e-5)
     assert train.eval_loss(model, images, first.unsqueeze(1), 3, torch.device("cpu"), False)[0] == pytest.approx(loss_1, rel=1e-5)
+
+
+def test_fast_recipe_gives_random_ids_the_long_retrieval_phase():
+    """Random IDs get FAST_RANDOM_IDS under the fast recipe; flags still win; the paper recipe is untouched."""
+    parse = lambda *extra: train.build_parser().parse_args(list(extra))  # noqa: E731
+    fast_random = train.recipe_from_args(parse(), "random")
+    assert {k: getattr(fast_random, k) for k in train.FAST_RANDOM_IDS} == train.FAST_RANDOM_IDS
+    assert train.recipe_from_args(parse(), "clustered") == train.RECIPES["fast"]
+    assert train.recipe_from_args(parse(), "semantic") == train.RECIPES["fast"]
+    assert train.recipe_from_args(parse("--retrieval-epochs", "7"), "random").retrieval_epochs == 7
+    assert train.recipe_from_args(parse("--recipe", "paper"), "random") == train.RECIPES["paper"]
