@@ -127,6 +127,11 @@ def test_sweep_writes_one_combined_table(tmp_path):
                                                      ("ViT DSI", "random")]
     assert (tmp_path / "64-random" / "checkpoint.pt").exists()
     assert "| ViT DSI | zero-shot | 64 | random |" in (tmp_path / "results.md").read_text()
+    # the recipe each scheme trained with is written down; TINY's --retrieval-epochs 2 wins for both
+    recipes = json.loads((tmp_path / "results.json").read_text())["recipes"]
+    assert recipes["random"]["retrieval_targets"] == train.FAST_RANDOM_IDS["retrieval_targets"]
+    assert recipes["clustered"]["retrieval_targets"] == train.RECIPES["fast"].retrieval_targets
+    assert recipes["random"]["retrieval_epochs"] == recipes["clustered"]["retrieval_epochs"] == 2
 
 
 def test_rdrop_loss_is_symmetric_kl_over_real_tokens():
