@@ -259,7 +259,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
 
 
-def recipe_from_args(a: argparse.Namespace, ids_scheme: str = "clustered") -> Recipe:
+def recipe_from_args(a: argparse.Namespace, ids_scheme: str) -> Recipe:
+    """The recipe a run of `ids_scheme` trains with: --recipe, then FAST_RANDOM_IDS, then the flags."""
     r = RECIPES[a.recipe]
     if a.recipe == "fast" and ids_scheme == "random":
         r = replace(r, **FAST_RANDOM_IDS)
@@ -825,7 +826,7 @@ def run(a: argparse.Namespace) -> int:
     header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
               f"seed {a.seed}, recipe {a.recipe}")
     # the recipe each ID scheme actually trained with (the fast recipe differs for random IDs)
-    recipes = {scheme: asdict(recipe_from_args(a, scheme)) for scheme in dict.fromkeys(s for _, s in cells)}
+    recipes = {scheme: asdict(recipe_from_args(a, scheme)) for scheme in (a.sweep_ids if a.sweep else [a.ids])}
     table = write_results(out, rows, header, {"args": vars(a), "recipes": recipes,
                                               "wall_seconds": round(time.perf_counter() - t_run, 1)})
     log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {out}")
