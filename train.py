@@ -3,12 +3,15 @@
 Di Stefano, "Vision Transformer Memory as a Differentiable Search Index for Image Retrieval", §3:
   1. draw `--db-size` images, index 25% of them (the IDB) and keep the rest as queries (data.py);
   2. BoVW baseline: SIFT vocabulary from the IDB, cosine ranking of the test queries (bovw.py);
-  3. indexing phase: teach the ViT DSI to write each IDB image's own ID, until the training
-     IA@1 reaches `--index-target-acc` (vitdsi.py)          -> the "zero-shot" row;
-  4. retrieval phase: query image -> IDs of relevant IDB images, early stopping on validation loss
-     (paper) or validation MAP@10 (fast recipe)               -> the "fine-tuned" row;
+  3. `index`: teach the ViT DSI to write each IDB image's own ID, until the training IA@1
+     reaches `--index-target-acc` (vitdsi.py)                      -> `evaluate`: the "zero-shot" row;
+  4. `finetune`: query image -> IDs of relevant IDB images, keeping the epoch with the best
+     validation score                                             -> `evaluate`: the "fine-tuned" row;
   5. score every row with the same functions on the same test queries (metrics.py) and write
      results.json, results.md, curves.png, checkpoint.pt and train.log to `--out`.
+
+Read it top to bottom: recipes, command line, the training loop pieces, then the paper's steps
+`index`, `finetune`, `evaluate`, tied together by `run_experiment`.
 
 Usage:
     python train.py --db-size 512 --ids clustered                 # built-in data, no download
@@ -24,7 +27,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -45,52 +49,63 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Training recipes
+# Training recipes: the one place that says how a model is optimised
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the model is optimised. `paper` is the paper's §3.2 recipe; `fast` is ours (README)."""
+    """How the model is optimised. `paper` is the paper's §3.2 recipe; the others are ours (README).
+    Every field is also a flag of the same name, which overrides the recipe's value."""
     optimizer: str           # "adam" (paper) or "adamw" (decoupled weight decay)
-    lr: float                # peak learning rate
+    lr: float                # peak learning rate of the indexing phase
     weight_decay: float      # AdamW only
     batch_size: int          # images per step
-    warmup_epochs: float     # linear warm-up length; 0 = none
+    warmup_epochs: float     # linear warm-up length of each phase; 0 = none
     schedule: str            # "constant" (paper) or "cosine" (decay to lr_floor over the epoch cap)
-    lr_floor: float          # cosine floor as a fraction of lr
-    bf16: bool               # bfloat16 autocast (CPU bf16 matmuls are ~1.8x fp32 on this class of machine)
+    lr_floor: float          # cosine floor as a fraction of the peak
+    bf16: bool               # bfloat16 autocast: faster only on CPUs with bf16 units, and numbers move
     index_epochs: int        # indexing epoch cap (paper: 750-1000 epochs)
-    retrieval_epochs: int    # retrieval epoch cap (paper: 75, early stopping on validation loss)
-    retrieval_lr: float      # peak learning rate of the retrieval phase
-    patience: int            # retrieval epochs without a better validation score before stopping
-    early_stop: str          # validation score: "loss" (paper, teacher-forced) or "map" (MAP@10 by beam search)
     index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
-    index_views: float       # indexing: augmented views per IDB image per epoch, as pseudo-queries
+    index_views: float       # indexing: augmented views per IDB image per epoch, labelled with its ID
+    retrieval_epochs: int    # retrieval epoch cap (paper: 75)
+    retrieval_lr: float      # peak learning rate of the retrieval phase
+    early_stop: str          # validation score: "loss" (paper, teacher-forced) or "map" (MAP@10 by beam search)
+    patience: int            # retrieval epochs without a better validation score before stopping
+    min_epochs: int          # retrieval epochs always run before patience may stop the phase
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
     augment: bool            # retrieval phase: random crops/flips/jitter of the query images
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
     retrieval_targets: int   # retrieval phase: relevant IDs drawn per query per step (one encoder pass)
-    rdrop: float             # retrieval phase: weight of R-Drop consistency between two dropout passes
 
 
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
-                    schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000,
-                    retrieval_epochs=75, retrieval_lr=5e-4, patience=10, early_stop="loss",
-                    index_dropout=None, index_views=0.0, index_mix=0.0, augment=False, label_smoothing=0.0,
-                    retrieval_targets=1, rdrop=0.0),
+                    schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000, index_dropout=None,
+                    index_views=0.0, retrieval_epochs=75, retrieval_lr=5e-4, early_stop="loss", patience=10,
+                    min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
-                   schedule="cosine", lr_floor=0.05, bf16=True, index_epochs=150,
-                   retrieval_epochs=25, retrieval_lr=5e-4, patience=3, early_stop="map",
-                   index_dropout=0.0, index_views=0.0, index_mix=1.0, augment=True, label_smoothing=0.1,
-                   retrieval_targets=8, rdrop=0.0),
+                   schedule="cosine", lr_floor=0.05, bf16=False, index_epochs=150, index_dropout=0.0,
+                   index_views=0.0, retrieval_epochs=25, retrieval_lr=5e-4, early_stop="map", patience=3,
+                   min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8),
 }
 
-# Random IDs share no prefix within a class, so the retrieval phase has to teach the decoder which of the
-# arbitrary IDs belong to a query's class: slow to learn, and validation MAP@10 only takes off after some
-# 30 epochs. The fast recipe therefore gives them a longer, faster retrieval phase with more targets per
-# query, run to its cap (README, "Random IDs"); flags still override each field.
-FAST_RANDOM_IDS = {"retrieval_lr": 2e-3, "retrieval_epochs": 100, "patience": 100, "retrieval_targets": 16}
+RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's value
+    "lr": "peak learning rate of the indexing phase",
+    "batch_size": "images per step",
+    "index_epochs": "indexing epoch cap",
+    "index_dropout": "dropout while indexing",
+    "index_views": "indexing: augmented views per IDB image per epoch, labelled with its own ID",
+    "retrieval_epochs": "retrieval epoch cap",
+    "retrieval_lr": "peak learning rate of the retrieval phase",
+    "early_stop": "retrieval phase: keep the epoch with the best validation loss or MAP@10 (beam search)",
+    "patience": "retrieval phase: epochs without a better validation score before stopping",
+    "min_epochs": "retrieval phase: epochs always run before patience may stop it",
+    "index_mix": "retrieval phase: IDB pairs (image -> own ID) mixed in per query pair, against forgetting",
+    "augment": "retrieval phase: augmented views of the query images",
+    "label_smoothing": "retrieval phase label smoothing",
+    "retrieval_targets": "retrieval phase: relevant IDs trained per query per step, sharing one encoder pass",
+    "bf16": "bfloat16 autocast (fast only on CPUs/GPUs with bf16 units; metrics then differ by machine)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +113,7 @@ FAST_RANDOM_IDS = {"retrieval_lr": 2e-3, "retrieval_epochs": 100, "patience": 10
 # --------------------------------------------------------------------------------------------
 
 def set_seed(seed: int) -> None:
-    """One seed for Python's random, numpy and torch (STYLE rule 9)."""
+    """One seed for Python's random, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -125,6 +140,12 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -141,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, evaluate.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("data (paper §2.1)")
-    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic-multilabel", "imagenet", "coco"],
+    g.add_argument("--dataset", default="synthetic", choices=list(data.DATASETS),
                    help="image source; synthetic is built in (no files)")
     g.add_argument("--data-root", help="imagenet: ImageFolder root DIR/<class>/<image>; coco: the images folder")
     g.add_argument("--coco-annotations", nargs="+", metavar="JSON",
@@ -163,38 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate")
     g.add_argument("--pos-encoding", default=d.pos_encoding, choices=["sinusoidal", "learned"],
                    help="positional encoding of patches and ID tokens")
-    g = p.add_argument_group("training (paper §3.2)")
+    g = p.add_argument_group("training recipe (paper §3.2; README 'Recipes')")
     g.add_argument("--recipe", default="fast", choices=sorted(RECIPES),
-                   help="fast: AdamW, warm-up + cosine, bf16; paper: Adam 5e-4 constant, fp32 (README)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's; fast 2e-3, paper 5e-4)")
-    g.add_argument("--batch-size", type=int, help="images per step (default: the recipe's, 32)")
-    g.add_argument("--index-epochs", type=int, help="indexing epoch cap (default: the recipe's; fast 150, paper 1000)")
-    g.add_argument("--index-dropout", type=float,
-                   help="dropout while indexing (default: the recipe's; fast 0, paper = --dropout)")
-    g.add_argument("--index-views", type=float,
-                   help="indexing: augmented views per IDB image per epoch, labelled with its ID (default: the recipe's, 0)")
+                   help="named set of every field below; the flags below override single fields")
+    for f in fields(Recipe):
+        if f.name not in RECIPE_HELP:
+            continue
+        flag, help_text = "--" + f.name.replace("_", "-"), RECIPE_HELP[f.name] + " (default: from the recipe)"
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "early_stop":
+            g.add_argument(flag, choices=["loss", "map"], help=help_text)
+        else:
+            kind = int if f.type in (int, "int") else float
+            g.add_argument(flag, type=kind, help=help_text)
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
-    g.add_argument("--retrieval-epochs", type=int,
-                   help="retrieval epoch cap (default: the recipe's; fast 25, 100 for random IDs; paper 75)")
-    g.add_argument("--retrieval-lr", type=float,
-                   help="retrieval phase peak learning rate (default: the recipe's, 5e-4; fast 2e-3 for random IDs)")
-    g.add_argument("--patience", type=int,
-                   help="retrieval phase: epochs without a better validation score before stopping "
-                        "(default: the recipe's; fast 3, 100 for random IDs; paper 10)")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
-    g.add_argument("--index-mix", type=float,
-                   help="retrieval phase: IDB pairs mixed in per query pair, against forgetting (default: the recipe's)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="retrieval phase: augmented views of the query images (default: the recipe's)")
-    g.add_argument("--label-smoothing", type=float, help="retrieval phase label smoothing (default: the recipe's)")
-    g.add_argument("--retrieval-targets", type=int,
-                   help="retrieval phase: relevant IDs trained per query per step, sharing one encoder pass "
-                        "(default: the recipe's; fast 8, 16 for random IDs; paper 1)")
-    g.add_argument("--early-stop", choices=["loss", "map"],
-                   help="retrieval phase: keep the epoch with the best validation loss (paper) or validation MAP@10 "
-                        "by beam search (default: the recipe's; fast map, paper loss)")
-    g.add_argument("--rdrop", type=float,
-                   help="retrieval phase: R-Drop weight, KL between two dropout passes (default: the recipe's, 0 = off)")
+    g = p.add_argument_group("run")
     g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
     g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
     g.add_argument("--beam", type=int, help="beam width of the decoder (default: the list length asked for)")
@@ -214,8 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def recipe_from_args(a: argparse.Namespace) -> Recipe:
+    """The recipe a run trains with: the named `--recipe`, then any single-field flag on top."""
+    over = {f.name: getattr(a, f.name, None) for f in fields(Recipe)}
+    return replace(RECIPES[a.recipe], **{k: v for k, v in over.items() if v is not None})
+
+
 def check_args(a: argparse.Namespace) -> None:
-    """Reject bad input before any work starts (SPEC "Behaviour")."""
+    """Reject bad input before any work starts: one line naming the problem and the fix."""
     if a.query and not a.checkpoint:
         raise UsageError("--query needs --checkpoint: pass the checkpoint.pt of a finished run")
     if a.checkpoint and not a.query:
@@ -225,7 +237,7 @@ def check_args(a: argparse.Namespace) -> None:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
         return
     if a.dataset in ("imagenet", "coco") and not a.data_root:
-        raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Your own data')")
+        raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Data')")
     if a.dataset == "coco" and not a.coco_annotations:
         raise UsageError("--dataset coco needs --coco-annotations instances_*.json")
     if a.image_size % a.patch_size:
@@ -236,16 +248,14 @@ def check_args(a: argparse.Namespace) -> None:
     for name in ("db_size", "depth", "dim", "mlp_dim", "heads", "bovw_k"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.index_dropout is not None and not 0.0 <= a.index_dropout < 1.0:
-        raise UsageError(f"--index-dropout must lie in [0, 1), got {a.index_dropout}")
-    if a.index_views is not None and a.index_views < 0:
-        raise UsageError(f"--index-views must be 0 or more, got {a.index_views}")
-    if a.index_mix is not None and a.index_mix < 0:
-        raise UsageError(f"--index-mix must be 0 or more, got {a.index_mix}")
-    if a.label_smoothing is not None and not 0.0 <= a.label_smoothing < 1.0:
-        raise UsageError(f"--label-smoothing must lie in [0, 1), got {a.label_smoothing}")
-    if a.rdrop is not None and a.rdrop < 0:
-        raise UsageError(f"--rdrop must be 0 or more, got {a.rdrop}")
+    for name in ("index_dropout", "label_smoothing"):
+        v = getattr(a, name)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
+    for name in ("index_views", "index_mix", "min_epochs"):
+        v = getattr(a, name)
+        if v is not None and v < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
     for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_lr", "patience",
                  "retrieval_targets", "beam"):
         v = getattr(a, name)
@@ -259,20 +269,6 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
 
 
-def recipe_from_args(a: argparse.Namespace, ids_scheme: str) -> Recipe:
-    """The recipe a run of `ids_scheme` trains with: --recipe, then FAST_RANDOM_IDS, then the flags."""
-    r = RECIPES[a.recipe]
-    if a.recipe == "fast" and ids_scheme == "random":
-        r = replace(r, **FAST_RANDOM_IDS)
-    over = {"lr": a.lr, "batch_size": a.batch_size, "index_epochs": a.index_epochs,
-            "retrieval_epochs": a.retrieval_epochs, "retrieval_lr": a.retrieval_lr, "patience": a.patience,
-            "index_dropout": a.index_dropout,
-            "index_views": a.index_views, "index_mix": a.index_mix, "augment": a.augment,
-            "label_smoothing": a.label_smoothing, "retrieval_targets": a.retrieval_targets, "rdrop": a.rdrop,
-            "early_stop": a.early_stop}
-    return replace(r, **{k: v for k, v in over.items() if v is not None})
-
-
 def model_config(a: argparse.Namespace, max_len: int) -> ViTDSIConfig:
     return ViTDSIConfig(image_size=a.image_size, patch_size=a.patch_size, dim=a.dim, mlp_dim=a.mlp_dim,
                         depth=a.depth, heads=a.heads, dropout=a.dropout, pos_encoding=a.pos_encoding,
@@ -280,10 +276,10 @@ def model_config(a: argparse.Namespace, max_len: int) -> ViTDSIConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Training loop pieces (the trainer knows nothing about the model beyond forward and generate)
+# Training loop pieces (the trainer knows nothing about the model beyond encode, decode, generate)
 # --------------------------------------------------------------------------------------------
 
-def lr_lambda(recipe: Recipe, steps_per_epoch: int, epochs: int):
+def lr_lambda(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimiser step s: linear warm-up, then constant or cosine decay."""
     warm = int(recipe.warmup_epochs * steps_per_epoch)
     total = max(1, epochs * steps_per_epoch)
@@ -307,8 +303,9 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.o
 def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced cross-entropy and per-sample exact match.
 
-    logits (B, L-1, V) predict targets[:, 1:]; a sample counts as correct when every non-PAD token is
-    the argmax, which is exactly when greedy decoding writes the target ID.
+    logits (B, L-1, V) predict targets[:, 1:]; PAD positions count neither in the loss nor in the match.
+    A sample counts as correct when every non-PAD token is the argmax, which is exactly when greedy
+    decoding writes the target ID.
     """
     gold = targets[:, 1:]                                                   # (B, L-1)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),    # (B*(L-1), V)
@@ -317,71 +314,71 @@ def seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
     return loss, hit.all(dim=1)
 
 
-def rdrop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """R-Drop (Liang et al. 2021, used by NCI): symmetric KL between the token distributions of two
-    forward passes that differ only in their dropout masks, averaged over the non-PAD target positions.
-    logits_a, logits_b (B, L-1, V); targets (B, L)."""
-    keep = targets[:, 1:] != data.PAD                                       # (B, L-1)
-    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)   # (B, L-1, V)
-    kl_ab = (log_a.exp() * (log_a - log_b)).sum(-1)                         # KL(a || b) per position
-    kl_ba = (log_b.exp() * (log_b - log_a)).sum(-1)                         # KL(b || a)
-    return (0.5 * (kl_ab + kl_ba))[keep].mean()
-
-
 def spread(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
     """`count` indices into range(n), each used at most once more than any other, in random order."""
     rounds = [torch.randperm(n, generator=gen) for _ in range(-(-count // n))]
     return torch.cat(rounds)[:count] if rounds else torch.empty(0, dtype=torch.long)
 
 
-def run_epoch(model, optimizer, scheduler, images, targets, order, batch_size, device, bf16,
-              choose_targets=None, augment_gen=None, augmented=None, smoothing=0.0,
-              rdrop=0.0) -> tuple[float, float, float]:
-    """One pass over `order` (indices into images).
+@dataclass
+class Pool:
+    """What a training phase draws its samples from: images, their targets, and which are shown augmented."""
+    images: torch.Tensor                                   # (n, 3, S, S) uint8
+    targets: Callable[[torch.Tensor], torch.Tensor]        # pool indices (B,) -> target tokens (B, G, L)
+    augmented: torch.Tensor                                # (n,) bool: shown as a random view, not as is
 
-    images: (n, 3, S, S) uint8 tensor; targets: (n, L) long, or choose_targets(batch_idx) -> (B, G, L),
-    G target IDs per image that share one encoder pass (the decoder reads the same patches G times).
-    augment_gen: a torch.Generator to draw augmented views with; augmented: (n,) bool, which pool
-    entries are shown as a random view rather than as they are (None = none).
-    rdrop: weight of the R-Drop consistency term; > 0 runs every image twice, under two dropout masks.
-    Returns mean loss, exact-match accuracy over all samples (any of its G targets), and over the
-    un-augmented ones.
+
+@dataclass
+class Trainer:
+    """The optimisation state one phase steps: model, optimiser, lr schedule, and how a step is run."""
+    model: ViTDSI
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    bf16: bool = False
+    smoothing: float = 0.0
+    augment_gen: torch.Generator = field(default_factory=torch.Generator)
+
+
+def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
+    """One pass over `order` (indices into the pool), one optimiser step per batch.
+
+    Each image gets G target IDs that share one encoder pass (the decoder reads the same patches G
+    times). Returns the mean loss, the exact-match accuracy over all samples (any of the G targets),
+    and over the un-augmented ones.
     """
+    model, device = trainer.model, trainer.device
     model.train()
-    passes = 2 if rdrop > 0 else 1
     total_loss, total_hit, seen, clean_hit, clean_seen = 0.0, 0, 0, 0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        x = data.normalize(images[idx].to(device))                        # (B, 3, S, S)
-        views = augmented[idx] if augmented is not None else torch.zeros(len(idx), dtype=torch.bool)  # (B,)
+        x = data.normalize(pool.images[idx].to(device))                     # (B, 3, S, S)
+        views = pool.augmented[idx]                                         # (B,) bool
         if views.any():
             on = views.to(x.device)
-            x[on] = data.augment(x[on], augment_gen)
-        y = targets[idx].unsqueeze(1) if choose_targets is None else choose_targets(idx)  # (B, G, L)
+            x[on] = data.augment(x[on], trainer.augment_gen)
+        y = pool.targets(idx)                                               # (B, G, L)
         B, G = y.shape[:2]
-        if passes == 2:   # R-Drop: the same views twice in one batch; dropout masks each copy differently
-            x, y = torch.cat([x, x]), torch.cat([y, y])                    # (2B, 3, S, S), (2B, G, L)
-        y = y.flatten(0, 1).to(device)                                     # (P*B*G, L), P = passes
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model.decode(model.encode(x), y[:, :-1])              # (P*B*G, L-1, V)
-        loss, hit = seq_loss(logits, y, smoothing)
-        if passes == 2:
-            loss = loss + rdrop * rdrop_loss(*logits.chunk(2), y[:B * G])
-        optimizer.zero_grad(set_to_none=True)
+        y = y.flatten(0, 1).to(device)                                      # (B*G, L)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
+            logits = model.decode(model.encode(x), y[:, :-1])               # (B*G, L-1, V)
+        loss, hit = seq_loss(logits, y, trainer.smoothing)
+        trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        hit = hit[:B * G].view(B, G).any(dim=1)                             # (B,) first pass
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        hit = hit.view(B, G).any(dim=1).cpu()                               # (B,)
         total_loss += loss.item() * B
         total_hit += int(hit.sum())
         seen += B
-        clean_hit += int(hit[~views.to(hit.device)].sum())
+        clean_hit += int(hit[~views].sum())
         clean_seen += int((~views).sum())
     return total_loss / seen, total_hit / seen, clean_hit / max(1, clean_seen)
 
 
 @torch.no_grad()
-def eval_loss(model, images, targets, batch_size, device, bf16) -> tuple[float, float]:
+def eval_loss(model: ViTDSI, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
+              device: torch.device, bf16: bool) -> tuple[float, float]:
     """Teacher-forced loss and exact-match accuracy (any of the G targets), dropout off.
     images (n, 3, S, S) uint8; targets (n, G, L): G target IDs per image."""
     model.eval()
@@ -398,7 +395,8 @@ def eval_loss(model, images, targets, batch_size, device, bf16) -> tuple[float, 
 
 
 @torch.no_grad()
-def rank_dsi(model, images, trie, k, beam, device, batch_size=64, log=None, what="") -> tuple[list, float]:
+def rank_dsi(model: ViTDSI, images: torch.Tensor, trie: IDTrie, k: int, beam: int | None, device: torch.device,
+             batch_size: int = 64, log: Callable[[str], None] | None = None, what: str = "") -> tuple[list, float]:
     """Ranked ID lists (best first) for every image, by constrained beam search; and ms per query."""
     model.eval()
     ranked, t0 = [], time.perf_counter()
@@ -412,18 +410,315 @@ def rank_dsi(model, images, trie, k, beam, device, batch_size=64, log=None, what
     return ranked, 1000 * (time.perf_counter() - t0) / max(1, len(images))
 
 
-def score_row(model_name, variant, rankings_db, idb_ids, rankings_q, relevants, common) -> dict:
-    """One row of Table 1, every metric from metrics.py, for BoVW and the DSI alike (STYLE rule 11)."""
-    row = {"model": model_name, "variant": variant, **common}
-    row["IA@1"] = metrics.indexing_accuracy(rankings_db, idb_ids, 1)
-    row["IA@5"] = metrics.indexing_accuracy(rankings_db, idb_ids, 5)
-    row.update(metrics.retrieval_metrics(rankings_q, relevants))
+class EarlyStopping:
+    """Keeps the weights (and optimiser state) of the epoch with the best validation score, and says
+    when to stop: after `patience` epochs without a better score, but never before `min_epochs` have
+    run, so that a phase whose learning rate is still warming up is not cut short."""
+
+    def __init__(self, patience: int, min_epochs: int = 0):
+        self.patience, self.min_epochs = patience, min_epochs
+        self.best_score, self.best_epoch, self.bad = -float("inf"), 0, 0
+        self.best_state: dict | None = None
+
+    def step(self, epoch: int, score: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Record epoch's validation score (higher is better); True = stop now."""
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad = score, epoch, 0
+            self.best_state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                               "optimizer": clone_state(optimizer.state_dict())}
+        else:
+            self.bad += 1
+        return epoch >= self.min_epochs and self.bad >= self.patience
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Put the best epoch's weights and optimiser state back."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state["model"])
+            optimizer.load_state_dict(self.best_state["optimizer"])
+
+
+def clone_state(state):
+    """A deep copy of a (nested) state dict whose tensors are cloned, so later steps do not change it."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(v) for v in state)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's steps: index -> evaluate (zero-shot) -> finetune -> evaluate (fine-tuned)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """What the steps of one (db_size, ids) experiment share."""
+    a: argparse.Namespace
+    recipe: Recipe
+    db_size: int
+    ids: str                           # ID scheme: clustered, random or semantic
+    imageset: data.ImageSet
+    split: data.Split
+    idb_ids: list[str]                 # ID of each IDB image, in IDB order
+    trie: IDTrie                       # the valid IDs, for constrained decoding
+    images: torch.Tensor               # (n, 3, S, S) uint8: every image of the run, decoded once
+    device: torch.device
+    gen: torch.Generator               # batch order of both phases
+    log: Log
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+    def relevant(self, positions: np.ndarray) -> list[set[str]]:
+        """Relevant IDB IDs of the images at `positions` (same class; COCO: a shared category)."""
+        idb_labels = [self.imageset.labels[i] for i in self.split.idb]
+        return data.relevant_sets([self.imageset.labels[i] for i in positions], idb_labels, self.idb_ids)
+
+
+def index(cell: Cell, model: ViTDSI) -> dict:
+    """Indexing phase (paper §3.2): every IDB image -> its own ID, deliberately overfit, until the
+    training IA@1 reaches --index-target-acc or the epoch cap. Returns epochs, seconds, training IA@1."""
+    recipe, a, log = cell.recipe, cell.a, cell.log
+    optimizer = make_optimizer(model, recipe, recipe.lr)
+    if recipe.index_dropout is not None:
+        set_dropout(model, recipe.index_dropout)
+    # Pseudo-queries (the image analogue of DSI-QG): with --index-views V, each epoch also shows V
+    # augmented views per IDB image, labelled with that image's own ID. Pool = clean IDB, then views.
+    idb_images = cell.images[torch.as_tensor(cell.split.idb)]
+    targets = data.ids_to_tensor(cell.idb_ids)                                # (n_idb, L)
+    n_idb = len(cell.idb_ids)
+    n_views = round(recipe.index_views * n_idb)
+    pool_targets = torch.cat([targets, targets]) if n_views else targets
+    pool = Pool(images=torch.cat([idb_images, idb_images]) if n_views else idb_images,
+                targets=lambda idx: pool_targets[idx].unsqueeze(1),          # (B, 1, L)
+                augmented=torch.arange(len(pool_targets)) >= n_idb)
+    steps = math.ceil((n_idb + n_views) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
+    trainer = Trainer(model, optimizer, scheduler, cell.device, recipe.bf16,
+                      augment_gen=torch.Generator().manual_seed(a.seed + 2))
+    cell.curves["index_loss"], cell.curves["index_acc"] = [], []
+    t_start, train_ia = time.perf_counter(), 0.0
+    for epoch in range(1, recipe.index_epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.cat([torch.arange(n_idb), n_idb + spread(n_views, n_idb, cell.gen)])
+        order = order[torch.randperm(len(order), generator=cell.gen)]
+        loss, _, acc = run_epoch(trainer, pool, order, recipe.batch_size)
+        # Exact match under teacher forcing is free; only when it passes the target do we pay for
+        # the real check: IA@1 by beam search with dropout off.
+        if acc >= a.index_target_acc or epoch == recipe.index_epochs:
+            ranked, _ = rank_dsi(model, idb_images, cell.trie, 1, a.beam, cell.device)
+            train_ia = metrics.indexing_accuracy(ranked, cell.idb_ids, 1)
+        cell.curves["index_loss"].append(loss)
+        cell.curves["index_acc"].append(acc)
+        elapsed = time.perf_counter() - t_start
+        log(f"index  epoch {epoch:4d}/{recipe.index_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
+            f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch  "
+            f"ETA <= {fmt_seconds(elapsed / epoch * (recipe.index_epochs - epoch))}"
+            + (f"  IA@1 {train_ia:.3f}" if acc >= a.index_target_acc else ""))
+        if train_ia >= a.index_target_acc:
+            break
+    seconds = time.perf_counter() - t_start
+    set_dropout(model, model.config.dropout)
+    log(f"indexing: {epoch} epochs in {fmt_seconds(seconds)} ({n_idb * epoch / seconds:.1f} images/s), "
+        f"training IA@1 {train_ia:.3f}")
+    return {"epochs": epoch, "seconds": seconds, "train_ia": train_ia, "optimizer": optimizer}
+
+
+def retrieval_pool(cell: Cell, rng: np.random.Generator) -> tuple[Pool, int, int]:
+    """The retrieval phase's training pool: the training queries that have a relevant IDB image, then
+    every IDB image. A query's targets are G relevant IDs drawn uniformly (with replacement) anew at
+    every step; an IDB image's target is its own ID, G times (index rehearsal, Tay et al. §4.4).
+    Rehearsal images stay clean: the index must be recalled from the very images that were indexed.
+    `rng` draws the targets. Returns the pool, the number of queries in it and the number of IDB images."""
+    recipe, split = cell.recipe, cell.split
+    rel_train = cell.relevant(split.train)
+    keep = [i for i, r in enumerate(rel_train) if r]
+    n_q, n_idb = len(keep), len(split.idb)
+    images = cell.images[torch.as_tensor(np.concatenate([split.train[keep], split.idb]).astype(np.int64))]
+    # Relevant IDB positions of every pool entry, flattened: entry e may take any of
+    # choices[offsets[e] : offsets[e] + counts[e]] (an IDB entry only its own position).
+    position = {id_str: j for j, id_str in enumerate(cell.idb_ids)}
+    lists = [[position[r] for r in sorted(rel_train[i])] for i in keep] + [[j] for j in range(n_idb)]
+    counts = torch.tensor([len(c) for c in lists])
+    offsets = torch.cumsum(counts, 0) - counts
+    choices = torch.tensor([j for c in lists for j in c])
+    id_tokens = data.ids_to_tensor(cell.idb_ids)                             # (n_idb, L)
+    G = recipe.retrieval_targets
+
+    def targets(idx: torch.Tensor) -> torch.Tensor:                         # (B,) -> (B, G, L)
+        pick = torch.from_numpy(rng.integers(0, counts[idx].numpy()[:, None], size=(len(idx), G)))
+        return id_tokens[choices[offsets[idx].unsqueeze(1) + pick]]         # (B, G) positions -> (B, G, L)
+
+    augmented = (torch.arange(n_q + n_idb) < n_q) & recipe.augment          # (n_q + n_idb,) bool
+    return Pool(images, targets, augmented), n_q, n_idb
+
+
+def validate(cell: Cell, model: ViTDSI, val: dict) -> dict[str, float]:
+    """Validation loss and exact match (teacher-forced) and, when stopping on it, MAP@10 by beam search."""
+    recipe = cell.recipe
+    loss, acc = eval_loss(model, val["images"], val["targets"], 2 * recipe.batch_size, cell.device, recipe.bf16)
+    scores = {"loss": loss, "acc": acc}
+    if recipe.early_stop == "map":   # MAP@10 needs only the top 10 of each ranked list
+        ranked, _ = rank_dsi(model, val["images"], cell.trie, 10, cell.a.beam, cell.device)
+        scores["map"] = metrics.mean_average_precision_at_k(ranked, val["relevant"], 10)
+    return scores
+
+
+def finetune(cell: Cell, model: ViTDSI) -> dict | None:
+    """Retrieval phase (paper §3.2): each training query is paired with relevant IDB images' IDs, drawn
+    anew every step (so the model sees the whole relevant set), mixed with index rehearsal. Keeps the
+    epoch with the best validation score: the VALIDATION queries choose the epoch, never the test ones.
+    Returns seconds, epochs run, the epoch kept and its optimizer; None when there is nothing to train on."""
+    recipe, a, log, split = cell.recipe, cell.a, cell.log, cell.split
+    rel_val = cell.relevant(split.val)
+    keep_va = [i for i, r in enumerate(rel_val) if r]
+    if not keep_va or not any(cell.relevant(split.train)):
+        log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
+        return None
+    # A fixed draw of G relevant IDs per validation query, so its loss is comparable from epoch to epoch.
+    rng, G = np.random.default_rng(a.seed), recipe.retrieval_targets
+    va_ids = [sorted(rel_val[i])[j] for i in keep_va for j in rng.integers(len(rel_val[i]), size=G)]
+    val = {"images": cell.images[torch.as_tensor(split.val[keep_va])],
+           "targets": data.ids_to_tensor(va_ids).view(len(keep_va), G, -1),   # (n_val, G, L)
+           "relevant": [rel_val[i] for i in keep_va]}
+    pool, n_q, n_idb = retrieval_pool(cell, rng)
+    n_mix = round(recipe.index_mix * n_q)
+    optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
+    steps = math.ceil((n_q + n_mix) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
+    trainer = Trainer(model, optimizer, scheduler, cell.device, recipe.bf16, recipe.label_smoothing,
+                      augment_gen=torch.Generator().manual_seed(a.seed + 1))
+    log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, lr {recipe.retrieval_lr:g}, "
+        f"up to {recipe.retrieval_epochs} epochs (at least {recipe.min_epochs}, then patience {recipe.patience}, "
+        f"on validation {recipe.early_stop}), augment {'on' if recipe.augment else 'off'}, "
+        f"label smoothing {recipe.label_smoothing}")
+    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
+        cell.curves[key] = []
+    stopper = EarlyStopping(recipe.patience, recipe.min_epochs)
+    t_start = time.perf_counter()
+    for epoch in range(1, recipe.retrieval_epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.cat([torch.arange(n_q), n_q + spread(n_mix, n_idb, cell.gen)])
+        order = order[torch.randperm(len(order), generator=cell.gen)]
+        loss, acc, _ = run_epoch(trainer, pool, order, recipe.batch_size)
+        v = validate(cell, model, val)
+        for key, value in (("ret_train_loss", loss), ("ret_train_acc", acc), ("ret_val_loss", v["loss"]),
+                           ("ret_val_acc", v["acc"]), ("ret_val_map", v.get("map"))):
+            if value is not None:
+                cell.curves[key].append(value)
+        stop = stopper.step(epoch, v["map"] if recipe.early_stop == "map" else -v["loss"], model, optimizer)
+        eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
+        log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
+            f"val loss {v['loss']:.4f}  val acc {v['acc']:.3f}  "
+            + (f"val MAP@10 {v['map']:.3f}  " if "map" in v else "")
+            + f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
+        if stop:
+            log(f"retrieval: validation {recipe.early_stop} has not improved for {recipe.patience} epochs; stopping")
+            break
+    stopper.restore(model, optimizer)
+    log(f"retrieval: ran {epoch} epochs, kept epoch {stopper.best_epoch} (best validation {recipe.early_stop})")
+    return {"seconds": time.perf_counter() - t_start, "epochs": epoch, "best_epoch": stopper.best_epoch,
+            "optimizer": optimizer}
+
+
+def evaluate(cell: Cell, model: ViTDSI, variant: str, train_seconds: float, info: dict) -> dict:
+    """Score the model like every other (paper §3.1): IA@1/IA@5 over the IDB, retrieval metrics over
+    the TEST queries. Called once per reported row."""
+    idb_images = cell.images[torch.as_tensor(cell.split.idb)]
+    db_rank, _ = rank_dsi(model, idb_images, cell.trie, IA_DEPTH, cell.a.beam, cell.device, log=cell.log, what="IDB")
+    q_rank, q_ms = rank_dsi(model, cell.images[torch.as_tensor(cell.split.test)], cell.trie, RANK_DEPTH,
+                            cell.a.beam, cell.device, log=cell.log, what="test queries")
+    row = score_row(cell, "ViT DSI", variant, db_rank, q_rank)
+    row.update(train_seconds=round(train_seconds, 2), query_ms=round(q_ms, 2), **info)
+    cell.log(f"ViT DSI {variant}: IA@1 {row['IA@1']:.3f}  IA@5 {row['IA@5']:.3f}  P@10 {row['P@10']:.3f}  "
+             f"MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}  ({q_ms:.1f} ms/query)")
     return row
 
 
-# --------------------------------------------------------------------------------------------
-# One experiment: data -> BoVW -> indexing -> zero-shot -> retrieval -> fine-tuned
-# --------------------------------------------------------------------------------------------
+def score_row(cell: Cell, model_name: str, variant: str, rankings_db: list, rankings_q: list) -> dict:
+    """One row of Table 1, every metric from metrics.py, for BoVW and the DSI alike, on the same queries.
+    Test queries with no relevant IDB image are left out of the retrieval metrics; the row says how many."""
+    relevants = cell.relevant(cell.split.test)
+    row = {"model": model_name, "variant": variant, "db_size": cell.db_size, "ids": cell.ids,
+           "dataset": cell.a.dataset, "seed": cell.a.seed}
+    row["IA@1"] = metrics.indexing_accuracy(rankings_db, cell.idb_ids, 1)
+    row["IA@5"] = metrics.indexing_accuracy(rankings_db, cell.idb_ids, 5)
+    row.update(metrics.retrieval_metrics(rankings_q, relevants))
+    row["test_queries"], row["test_queries_scored"] = len(relevants), sum(1 for r in relevants if r)
+    return row
+
+
+def run_bovw(cell: Cell) -> dict:
+    """The BoVW baseline (paper §3.1): vocabulary and index from the IDB, cosine ranking of the test queries."""
+    a, split, imageset = cell.a, cell.split, cell.imageset
+    t0 = time.perf_counter()
+    index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
+    q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
+    db_pos, _ = index.query(imageset.images[split.idb], top_k=IA_DEPTH)
+    as_ids = lambda p: [[cell.idb_ids[j] for j in r] for r in p]  # noqa: E731 (IDB position -> ID)
+    row = score_row(cell, "BoVW", "-", as_ids(db_pos), as_ids(pos))
+    row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
+    cell.log(f"BoVW: vocabulary of {index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
+             f"P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}")
+    return row
+
+
+def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int, ids_scheme: str,
+                   out: str, log: Log, with_bovw: bool = True) -> list[dict]:
+    """One (db_size, ids) cell of Table 1, as the paper's steps. Returns its rows."""
+    set_seed(a.seed)
+    recipe = recipe_from_args(a)
+    split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
+    idb_ids = make_ids(a, imageset, split, ids_scheme, log)
+    log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
+        f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
+    cell = Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
+                data.images_to_tensor(imageset.images), pick_device(a.device),
+                torch.Generator().manual_seed(a.seed), log)
+    rows = [run_bovw(cell)] if "bovw" in a.models and with_bovw else []
+    if "dsi" not in a.models:
+        return rows
+
+    config = model_config(a, max_len=max(map(len, idb_ids)) + 2)             # BOS, digits, EOS
+    model = ViTDSI(config).to(cell.device)
+    log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if recipe.bf16 else 'fp32'}), "
+        f"device {cell.device.type}")
+    indexed = index(cell, model)
+    info = {"index_epochs": indexed["epochs"], "index_seconds_per_epoch": round(indexed["seconds"] / indexed["epochs"], 3),
+            "index_images_per_s": round(len(idb_ids) * indexed["epochs"] / indexed["seconds"], 1),
+            "retrieval_epochs": 0, "retrieval_epoch_kept": 0}
+    rows.append(evaluate(cell, model, "zero-shot", indexed["seconds"], info))
+    optimizer, epoch = indexed["optimizer"], indexed["epochs"]
+    if not a.no_finetune:
+        tuned = finetune(cell, model)
+        if tuned:
+            info.update(retrieval_epochs=tuned["epochs"], retrieval_epoch_kept=tuned["best_epoch"])
+            rows.append(evaluate(cell, model, "fine-tuned", indexed["seconds"] + tuned["seconds"], info))
+            optimizer, epoch = tuned["optimizer"], tuned["best_epoch"]
+
+    save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
+                    [imageset.refs[i] for i in split.idb], ids_scheme, db_size)
+    draw_curves(cell.curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")
+    return rows
+
+
+def make_ids(a: argparse.Namespace, imageset: data.ImageSet, split: data.Split, scheme: str, log: Log) -> list[str]:
+    """IDs of the IDB images (paper §2.1): clustered or random from data.py, or semantic IDs."""
+    if scheme != "semantic":
+        return data.assign_ids(imageset.primary[split.idb], scheme, seed=a.seed)
+    # Tay et al. §3.2: IDs from hierarchical k-means over features made without labels, here the IDB's
+    # own BoVW histograms, so that similar-looking images share ID prefixes.
+    t0 = time.perf_counter()
+    histograms = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb]).database
+    ids = bovw.hierarchical_ids(histograms, np.random.default_rng(a.seed))
+    log(f"semantic IDs: hierarchical k-means over BoVW histograms in {time.perf_counter() - t0:.1f} s, "
+        f"lengths {min(map(len, ids))}-{max(map(len, ids))} digits")
+    return ids
+
 
 def load_images(a: argparse.Namespace, db_size: int, log: Log) -> data.ImageSet:
     t0 = time.perf_counter()
@@ -434,228 +729,6 @@ def load_images(a: argparse.Namespace, db_size: int, log: Log) -> data.ImageSet:
         f"({imageset.filtered} dropped by the aspect filter, {imageset.skipped} unreadable) "
         f"in {time.perf_counter() - t0:.1f} s")
     return imageset
-
-
-def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int, ids_scheme: str,
-                   out: str, log: Log, with_bovw: bool = True) -> list[dict]:
-    """Train and score the requested models on one (db_size, ids) cell. Returns the rows."""
-    set_seed(a.seed)
-    recipe = recipe_from_args(a, ids_scheme)
-    device = pick_device(a.device)
-    split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
-    index, fit_s = None, 0.0
-    if ids_scheme == "semantic":
-        # Tay et al. §3.2: IDs from hierarchical k-means over features made without labels, here the
-        # IDB's own BoVW histograms, so that similar-looking images share ID prefixes.
-        t0 = time.perf_counter()
-        index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
-        fit_s = time.perf_counter() - t0
-        idb_ids = bovw.hierarchical_ids(index.database, np.random.default_rng(a.seed))
-        log(f"semantic IDs: hierarchical k-means over BoVW histograms in {time.perf_counter() - t0:.1f} s, "
-            f"lengths {min(map(len, idb_ids))}-{max(map(len, idb_ids))} digits")
-    else:
-        idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed)
-    idb_labels = [imageset.labels[i] for i in split.idb]
-    test_rel = data.relevant_sets([imageset.labels[i] for i in split.test], idb_labels, idb_ids)
-    log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
-        f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
-    common = {"db_size": db_size, "ids": ids_scheme, "dataset": a.dataset, "seed": a.seed}
-    rows, curves = [], {}
-
-    if "bovw" in a.models and with_bovw:
-        if index is None:
-            t0 = time.perf_counter()
-            index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
-            fit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
-        q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
-        db_pos, _ = index.query(imageset.images[split.idb], top_k=IA_DEPTH)
-        as_ids = lambda p: [[idb_ids[j] for j in r] for r in p]  # noqa: E731 (IDB position -> ID)
-        row = score_row("BoVW", "-", as_ids(db_pos), idb_ids, as_ids(pos), test_rel, common)
-        row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
-        rows.append(row)
-        log(f"BoVW: vocabulary of {index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
-            f"P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}")
-
-    if "dsi" not in a.models:
-        return rows
-
-    images = data.images_to_tensor(imageset.images)                           # (n, 3, S, S) uint8, once
-    targets_idb = data.ids_to_tensor(idb_ids)                                  # (n_idb, L)
-    trie = IDTrie(idb_ids)
-    config = model_config(a, max_len=targets_idb.shape[1])
-    model = ViTDSI(config).to(device)
-    log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if recipe.bf16 else 'fp32'}), "
-        f"device {device.type}")
-    gen = torch.Generator().manual_seed(a.seed)
-    idb_images = images[torch.as_tensor(split.idb)]
-    beam = a.beam
-
-    # ---- indexing phase (paper §3.2): every IDB image -> its own ID, deliberately overfit ----
-    optimizer = make_optimizer(model, recipe, recipe.lr)
-    if recipe.index_dropout is not None:
-        set_dropout(model, recipe.index_dropout)
-    # Pseudo-queries (the image analogue of DSI-QG): with --index-views V, each epoch also shows
-    # V augmented views per IDB image, labelled with that image's own ID. Pool = clean IDB, then views.
-    n_idb = len(split.idb)
-    n_views = round(recipe.index_views * n_idb)
-    pool_images = torch.cat([idb_images, idb_images]) if n_views else idb_images
-    pool_targets = torch.cat([targets_idb, targets_idb]) if n_views else targets_idb
-    pool_views = torch.arange(len(pool_images)) >= n_idb                      # (pool,) bool
-    view_gen = torch.Generator().manual_seed(a.seed + 2)
-    steps = math.ceil((n_idb + n_views) / recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
-    curves["index_loss"], curves["index_acc"] = [], []
-    t_index = time.perf_counter()
-    train_ia = 0.0
-    for epoch in range(1, recipe.index_epochs + 1):
-        t0 = time.perf_counter()
-        order = torch.cat([torch.arange(n_idb), n_idb + spread(n_views, n_idb, gen)])
-        order = order[torch.randperm(len(order), generator=gen)]
-        loss, _, acc = run_epoch(model, optimizer, scheduler, pool_images, pool_targets, order,
-                                 recipe.batch_size, device, recipe.bf16, augment_gen=view_gen, augmented=pool_views)
-        # Exact match under teacher forcing is free; only when it passes the target do we pay for
-        # the real check: IA@1 by beam search with dropout off.
-        if acc >= a.index_target_acc or epoch == recipe.index_epochs:
-            ranked, _ = rank_dsi(model, idb_images, trie, 1, beam, device)
-            train_ia = metrics.indexing_accuracy(ranked, idb_ids, 1)
-        curves["index_loss"].append(loss)
-        curves["index_acc"].append(acc)
-        dt = time.perf_counter() - t0
-        elapsed = time.perf_counter() - t_index
-        eta = elapsed / epoch * (recipe.index_epochs - epoch)
-        log(f"index  epoch {epoch:4d}/{recipe.index_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
-            f"lr {scheduler.get_last_lr()[0]:.2e}  {dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}"
-            + (f"  IA@1 {train_ia:.3f}" if acc >= a.index_target_acc else ""))
-        if train_ia >= a.index_target_acc:
-            break
-    index_s = time.perf_counter() - t_index
-    set_dropout(model, config.dropout)
-    log(f"indexing: {epoch} epochs in {fmt_seconds(index_s)} ({len(split.idb) * epoch / index_s:.1f} images/s), "
-        f"training IA@1 {train_ia:.3f}")
-
-    def evaluate(variant: str, train_s: float) -> dict:
-        db_rank, _ = rank_dsi(model, idb_images, trie, IA_DEPTH, beam, device, log=log, what="IDB")
-        q_rank, q_ms = rank_dsi(model, images[torch.as_tensor(split.test)], trie, RANK_DEPTH, beam, device,
-                                log=log, what="test queries")
-        row = score_row("ViT DSI", variant, db_rank, idb_ids, q_rank, test_rel, common)
-        row.update(train_seconds=round(train_s, 2), query_ms=round(q_ms, 2), index_epochs=epoch,
-                   index_seconds_per_epoch=round(index_s / epoch, 3),
-                   index_images_per_s=round(len(split.idb) * epoch / index_s, 1), retrieval_epochs=ret_epochs)
-        log(f"ViT DSI {variant}: IA@1 {row['IA@1']:.3f}  IA@5 {row['IA@5']:.3f}  P@10 {row['P@10']:.3f}  "
-            f"MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}  ({q_ms:.1f} ms/query)")
-        return row
-
-    ret_epochs = 0
-    rows.append(evaluate("zero-shot", index_s))
-
-    # ---- retrieval phase (paper §3.2): query image -> the ID of a relevant IDB image ----
-    if not a.no_finetune:
-        retrieval_s, ret_epochs, optimizer = finetune(a, recipe, model, images, split, imageset, idb_ids, trie,
-                                                      device, gen, curves, log, optimizer)
-        rows.append(evaluate("fine-tuned", index_s + retrieval_s))
-
-    save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
-                    [imageset.refs[i] for i in split.idb], ids_scheme, db_size)
-    draw_curves(curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")
-    return rows
-
-
-def finetune(a, recipe, model, images, split, imageset, idb_ids, trie, device, gen, curves, log, optimizer):
-    """Retrieval phase: each training query is paired with relevant IDB images' IDs, drawn anew every
-    epoch (so the model sees the whole relevant set); early stopping on the validation loss, or on the
-    validation MAP@10 of the beam search's ranked lists (`--early-stop map`).
-    Returns (seconds, epochs run, the optimizer that produced the final weights)."""
-    idb_labels = [imageset.labels[i] for i in split.idb]
-    rel_train = data.relevant_sets([imageset.labels[i] for i in split.train], idb_labels, idb_ids)
-    rel_val = data.relevant_sets([imageset.labels[i] for i in split.val], idb_labels, idb_ids)
-    keep_tr = [i for i, r in enumerate(rel_train) if r]                     # queries with a relevant IDB image
-    keep_va = [i for i, r in enumerate(rel_val) if r]
-    if not keep_tr or not keep_va:
-        log("retrieval: no training or validation query has a relevant IDB image; skipping fine-tuning")
-        return 0.0, 0, optimizer
-    # Training pool: the queries, then the IDB images; an epoch takes every query and, with
-    # --index-mix R, R IDB pairs (image -> own ID) per query, so the index is rehearsed, not forgotten.
-    # Rehearsal pairs stay clean: the index must be recalled from the very images that were indexed.
-    n_q, n_idb = len(keep_tr), len(split.idb)
-    tr_images = images[torch.as_tensor(np.concatenate([split.train[keep_tr], split.idb]))]
-    va_images = images[torch.as_tensor(split.val[keep_va])]
-    # Relevant IDB positions of every pool entry, flattened: entry e may take any of
-    # choices[offsets[e] : offsets[e] + counts[e]] (an IDB entry only its own position).
-    position = {id_str: j for j, id_str in enumerate(idb_ids)}
-    lists = [[position[r] for r in sorted(rel_train[i])] for i in keep_tr] + [[j] for j in range(len(idb_ids))]
-    counts = torch.tensor([len(c) for c in lists])
-    offsets = torch.cumsum(counts, 0) - counts
-    choices = torch.tensor([j for c in lists for j in c])
-    id_tokens = data.ids_to_tensor(idb_ids)                                    # (n_idb, L)
-    n_mix = round(recipe.index_mix * n_q)
-    rng = np.random.default_rng(a.seed)
-    G = recipe.retrieval_targets
-    # A fixed draw for validation (G relevant IDs per query), so its loss is comparable from epoch to epoch.
-    va_ids = [sorted(rel_val[i])[j] for i in keep_va for j in rng.integers(len(rel_val[i]), size=G)]
-    va_targets = data.ids_to_tensor(va_ids).view(len(keep_va), G, -1)           # (n_val, G, L)
-
-    def draw_targets(batch_idx: torch.Tensor) -> torch.Tensor:
-        """G uniformly drawn relevant IDs per pool entry (with replacement), as tokens (B, G, L);
-        an IDB entry gets its own ID G times. Vectorised over the batch."""
-        pick = torch.from_numpy(rng.integers(0, counts[batch_idx].numpy()[:, None], size=(len(batch_idx), G)))
-        return id_tokens[choices[offsets[batch_idx].unsqueeze(1) + pick]]     # (B, G) positions -> (B, G, L)
-
-    optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
-    steps = math.ceil((n_q + n_mix) / recipe.batch_size)
-    aug_gen = torch.Generator().manual_seed(a.seed + 1)
-    query_views = (torch.arange(n_q + n_idb) < n_q) & recipe.augment            # (n_q + n_idb,) bool
-    log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, lr {recipe.retrieval_lr:g}, "
-        f"up to {recipe.retrieval_epochs} epochs (patience {recipe.patience}), "
-        f"augment {'on' if recipe.augment else 'off'}, label smoothing {recipe.label_smoothing}, R-Drop {recipe.rdrop}")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
-    va_relevant = [rel_val[i] for i in keep_va]
-    stop_on_map = recipe.early_stop == "map"
-    best, best_state, bad = -float("inf"), None, 0                          # best = highest score so far
-    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
-        curves[key] = []
-    t_start = time.perf_counter()
-    for epoch in range(1, recipe.retrieval_epochs + 1):
-        t0 = time.perf_counter()
-        order = torch.cat([torch.arange(n_q), n_q + spread(n_mix, n_idb, gen)])
-        order = order[torch.randperm(len(order), generator=gen)]
-        loss, acc, _ = run_epoch(model, optimizer, scheduler, tr_images, None, order, recipe.batch_size,
-                                 device, recipe.bf16, choose_targets=draw_targets, augment_gen=aug_gen,
-                                 augmented=query_views, smoothing=recipe.label_smoothing, rdrop=recipe.rdrop)
-        v_loss, v_acc = eval_loss(model, va_images, va_targets, 2 * recipe.batch_size, device, recipe.bf16)
-        for key, v in zip(("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc"), (loss, v_loss, acc, v_acc)):
-            curves[key].append(v)
-        if stop_on_map:   # MAP@10 needs only the top 10 of each ranked list
-            ranked, _ = rank_dsi(model, va_images, trie, 10, a.beam, device)
-            v_map = metrics.mean_average_precision_at_k(ranked, va_relevant, 10)
-            curves["ret_val_map"].append(v_map)
-        score = v_map if stop_on_map else -v_loss                             # higher is better
-        if score > best:
-            best, bad = score, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        dt = time.perf_counter() - t0
-        eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
-        log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
-            f"val loss {v_loss:.4f}  val acc {v_acc:.3f}  "
-            + (f"val MAP@10 {v_map:.3f}  " if stop_on_map else "")
-            + f"lr {scheduler.get_last_lr()[0]:.2e}  "
-            f"{dt:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
-        if bad >= recipe.patience:
-            log(f"retrieval: validation {'MAP@10' if stop_on_map else 'loss'} has not improved for "
-                f"{recipe.patience} epochs; stopping")
-            break
-    model.load_state_dict(best_state)
-    return time.perf_counter() - t_start, epoch, optimizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,7 +885,9 @@ def run(a: argparse.Namespace) -> int:
     out = a.out or default_out(a)
     os.makedirs(out, exist_ok=True)
     log = Log(os.path.join(out, "train.log"), quiet=a.quiet)
+    recipe = recipe_from_args(a)
     log(f"vit-dsi: {' '.join(sys.argv[1:]) or '(defaults)'} -> {out}")
+    log(f"recipe '{a.recipe}': " + ", ".join(f"{k} {v}" for k, v in asdict(recipe).items()))
     t_run = time.perf_counter()
     cells = [(n, s) for n in a.sweep_sizes for s in a.sweep_ids] if a.sweep else [(a.db_size, a.ids)]
     imageset = load_images(a, max(n for n, _ in cells), log)
@@ -825,9 +900,7 @@ def run(a: argparse.Namespace) -> int:
         rows += run_experiment(a, imageset, n, scheme, cell_out, log, with_bovw=(scheme == a.sweep_ids[0] or not a.sweep))
     header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
               f"seed {a.seed}, recipe {a.recipe}")
-    # the recipe each ID scheme actually trained with (the fast recipe differs for random IDs)
-    recipes = {scheme: asdict(recipe_from_args(a, scheme)) for scheme in (a.sweep_ids if a.sweep else [a.ids])}
-    table = write_results(out, rows, header, {"args": vars(a), "recipes": recipes,
+    table = write_results(out, rows, header, {"args": vars(a), "recipe": {"name": a.recipe, **asdict(recipe)},
                                               "wall_seconds": round(time.perf_counter() - t_run, 1)})
     log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {out}")
     if a.quiet:
