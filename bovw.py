@@ -16,13 +16,10 @@ Usage::
 
     index = BoVWIndex(k=200, seed=0).fit(idb_images)            # (n, S, S, 3) uint8 RGB
     positions, scores = index.query(query_images, top_k=100)    # (B, k') IDB positions, best first
-    index.save("bovw.npz"); index = BoVWIndex.load("bovw.npz")
 
 Conventions:
 - Results are 0-based positions into the array passed to ``fit`` ("IDB image i"); the caller maps them to IDs.
-- The default is the paper's variant: raw word counts, cosine similarity. ``weighting="tfidf"`` and
-  ``root_sift=True`` are documented, optional improvements (Sivic & Zisserman 2003 §4; Arandjelovic &
-  Zisserman 2012) - see ``BoVWIndex``.
+- Histograms are raw word counts compared by cosine similarity, the paper's variant.
 - An image without keypoints has an all-zero histogram. Its cosine with everything is defined as 0, so as a
   query it ranks the database in IDB order, and as a database image it comes after every image that shares a
   word with the query. Ties are always broken by IDB position (lower first): the sort is stable.
@@ -30,7 +27,7 @@ Conventions:
   of words to the number of descriptors it has and records it in ``n_words`` (a tiny database still gets an
   index; ``k`` keeps the value that was asked for). A database with no keypoints at all raises ``BoVWError``.
 
-Library code only: explicit seeds, no printing, and ``save``/``load`` are the only file access.
+Library code only: explicit seeds, no printing, no file access.
 """
 from __future__ import annotations
 
@@ -41,34 +38,27 @@ import numpy as np
 
 SIFT_DIM = 128               # length of a SIFT descriptor (4 x 4 cells x 8 orientation bins, Lowe 2004 §6.1)
 ASSIGN_CHUNK_ELEMENTS = 1 << 22  # rows x centroids per distance block: 4M float32 = 16 MiB, bounds memory
-WEIGHTINGS = ("counts", "tfidf")
 
 
 class BoVWError(ValueError):
-    """Bad input to the index (no usable keypoints, invalid option); str(e) is one line naming problem and fix."""
+    """Bad input to the index (no usable keypoints, invalid k); str(e) is one line naming problem and fix."""
 
 
 # ----------------------------------------------------------------------------- 1. describe
 
-def sift_descriptors(image: np.ndarray, *, root_sift: bool = False) -> np.ndarray:
-    """Grey SIFT descriptors of one image.
+def sift_descriptors(image: np.ndarray) -> np.ndarray:
+    """Grey SIFT descriptors of one image (Lowe 2004).
 
     image: (H, W, 3) uint8 RGB (a 2-d grey image is accepted as is).
     Returns (m, 128) float32, one row per keypoint, with OpenCV's default detector settings; m may be 0
-    (a blank image has no keypoints). ``root_sift=True`` maps each descriptor d to sqrt(d / ||d||_1), so that
-    Euclidean distance between descriptors compares them like the Hellinger kernel (Arandjelovic & Zisserman
-    2012, "Three things everyone should know", §2).
+    (a blank image has no keypoints).
     """
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     # A fresh detector per call keeps the function pure (no shared state between callers or threads).
     _, descriptors = cv2.SIFT_create().detectAndCompute(grey, None)
     if descriptors is None:  # OpenCV returns None, not an empty array, when it finds no keypoint
         return np.zeros((0, SIFT_DIM), np.float32)
-    descriptors = descriptors.astype(np.float32, copy=False)
-    if root_sift:
-        l1 = descriptors.sum(axis=1, keepdims=True)
-        descriptors = np.sqrt(descriptors / np.maximum(l1, np.finfo(np.float32).tiny))
-    return descriptors
+    return descriptors.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- 2. vocabulary (k-means)
@@ -108,7 +98,7 @@ def kmeans_plusplus(
     """
     n = len(x)
     x_sq = np.einsum("nd,nd->n", x, x) if x_sq is None else x_sq
-    # (few, d) @ (d, n) is a fast matrix product; the same numbers as (n, d) @ (d, few) take about twice as long.
+    # x.T kept contiguous so that each step is (few, d) @ (d, n), a layout BLAS handles better than (n, d) @ (d, few).
     x_t = np.ascontiguousarray(x.T) if x_t is None else x_t
 
     def squared_distances(points: np.ndarray) -> np.ndarray:
@@ -143,10 +133,8 @@ def kmeans(
     rng: np.random.Generator,
     max_iter: int = 100,
     tol: float = 1e-4,
-    *,
-    return_n_iter: bool = False,
-) -> tuple[np.ndarray, np.ndarray, float] | tuple[np.ndarray, np.ndarray, float, int]:
-    """Lloyd's k-means with greedy k-means++ seeding, written out in numpy.
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means (Lloyd 1982) with greedy k-means++ seeding, written out in numpy.
 
     x: (n, d) data (cast to float32). k: number of clusters, 1 <= k <= n, else ``ValueError``.
     rng: the only source of randomness (seeding); the same generator state gives the same result.
@@ -155,8 +143,7 @@ def kmeans(
     Empty clusters: a cluster left without points is re-seeded with the point farthest from its own centroid
     (taken from a cluster that keeps at least one point), which is the largest single drop in inertia available.
     Returns (centroids (k, d) float32, labels (n,) int64, inertia float) where labels are the nearest final
-    centroid and inertia = sum of squared distances to it, recomputed exactly in float64. With
-    ``return_n_iter=True`` the number of Lloyd iterations run is appended.
+    centroid and inertia = sum of squared distances to it, recomputed exactly in float64.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -168,8 +155,7 @@ def kmeans(
     x_t = np.ascontiguousarray(x.T)  # (d, n): one contiguous row per dimension makes the bincount sums fast
     centroids = kmeans_plusplus(x, k, rng, x_sq, x_t)
     previous = np.inf
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for _ in range(max_iter):
         labels, dist = assign(x, centroids, x_sq)
         counts = np.bincount(labels, minlength=k)
         for empty in np.flatnonzero(counts == 0):
@@ -186,10 +172,7 @@ def kmeans(
             break
         previous = inertia
     labels, _ = assign(x, centroids, x_sq)
-    inertia = exact_inertia(x, centroids, labels)
-    if return_n_iter:
-        return centroids, labels, inertia, n_iter
-    return centroids, labels, inertia
+    return centroids, labels, exact_inertia(x, centroids, labels)
 
 
 def exact_inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
@@ -235,19 +218,12 @@ class BoVWIndex:
     seed            - seeds the descriptor subsample and k-means; same seed and images -> same index.
     max_iter        - k-means iteration cap.
     max_descriptors - the vocabulary is learnt from at most this many IDB descriptors, drawn at random
-                      (None: all of them); every descriptor is still used for the histograms. 100,000 keeps
-                      k-means to seconds and is ~460 images' worth at 160 px (~220 keypoints each).
-    weighting       - "counts": raw word counts, the paper's variant (default); "tfidf": each word's count is
-                      multiplied by idf = ln(n / df), df = number of IDB images containing the word, which
-                      down-weights words that occur everywhere (Sivic & Zisserman 2003 §4).
-    root_sift       - describe images with RootSIFT instead of SIFT (see ``sift_descriptors``).
-    Histograms are L2-normalised after weighting, so the score is the cosine similarity.
-    After ``fit`` (or ``load``): ``centroids`` (n_words, 128) is the vocabulary and ``database`` (n, n_words) the
-    IDB's own histograms, row i = IDB image i (all-zero for an image without keypoints) - read it, don't write
-    it; these are label-free features for ``hierarchical_ids``.
-    Measured (imagenette-4k, 160 px, 3 splits): RootSIFT + tf-idf adds about 0.01 to P@10 and MAP@10 at db-size
-    512 and 2048, less than the split-to-split spread, and nothing on the synthetic set; so the paper's variant
-    stays the default.
+                      (None: all of them), which bounds the cost of k-means whatever the database size; every
+                      descriptor is still used for the histograms.
+    Histograms are raw word counts, L2-normalised, so the score is the cosine similarity (paper §3.1).
+    After ``fit``: ``centroids`` (n_words, 128) is the vocabulary and ``database`` (n, n_words) the IDB's own
+    histograms, row i = IDB image i (all-zero for an image without keypoints) - read it, don't write it; these
+    are label-free features for ``hierarchical_ids``.
     """
 
     def __init__(
@@ -257,28 +233,22 @@ class BoVWIndex:
         seed: int = 0,
         max_iter: int = 100,
         max_descriptors: int | None = 100_000,
-        weighting: str = "counts",
-        root_sift: bool = False,
     ) -> None:
         if k < 1:
             raise BoVWError(f"BoVW vocabulary size k={k} is invalid; use k >= 1 (paper: 200; train.py --bovw-k)")
-        if weighting not in WEIGHTINGS:
-            raise BoVWError(f"BoVW weighting {weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
-        self.k, self.seed, self.max_iter = k, seed, max_iter
-        self.max_descriptors, self.weighting, self.root_sift = max_descriptors, weighting, root_sift
+        self.k, self.seed, self.max_iter, self.max_descriptors = k, seed, max_iter, max_descriptors
         self.centroids: np.ndarray | None = None  # (n_words, 128) float32, the vocabulary
-        self.idf: np.ndarray | None = None        # (n_words,) float32 word weights (all ones for "counts")
-        self.database: np.ndarray | None = None   # (n, n_words) float32 weighted, L2-normalised histograms
+        self.database: np.ndarray | None = None   # (n, n_words) float32 L2-normalised word counts
 
     @property
     def n_words(self) -> int:
         """Words actually in the vocabulary: ``k``, or fewer if the IDB had fewer descriptors than ``k``."""
-        assert self.centroids is not None, "BoVWIndex is not fitted: call fit(images) or load(path) first"
+        assert self.centroids is not None, "BoVWIndex is not fitted: call fit(images) first"
         return len(self.centroids)
 
     def describe(self, images: np.ndarray) -> list[np.ndarray]:
-        """SIFT (or RootSIFT) descriptors of each image: (B, S, S, 3) uint8 -> list of B (m_i, 128) arrays."""
-        return [sift_descriptors(image, root_sift=self.root_sift) for image in images]
+        """SIFT descriptors of each image: (B, S, S, 3) uint8 -> list of B (m_i, 128) arrays."""
+        return [sift_descriptors(image) for image in images]
 
     def fit(self, images: np.ndarray) -> BoVWIndex:
         """Learn the vocabulary from the IDB images, then index them. images: (n, S, S, 3) uint8 RGB."""
@@ -292,20 +262,13 @@ class BoVWIndex:
             pool = pool[np.sort(rng.choice(len(pool), size=self.max_descriptors, replace=False))]
         # Fewer descriptors than words: a vocabulary can have at most one word per descriptor (documented above).
         self.centroids, _, _ = kmeans(pool, min(self.k, len(pool)), rng, max_iter=self.max_iter)
-        counts = word_counts(descriptor_lists, self.centroids)
-        if self.weighting == "tfidf":
-            df = (counts > 0).sum(axis=0)
-            # A word in no IDB image cannot match any database entry; weight 0 keeps it out of the query norm.
-            self.idf = np.where(df > 0, np.log(len(images) / np.maximum(df, 1)), 0.0).astype(np.float32)
-        else:
-            self.idf = np.ones(self.n_words, np.float32)
-        self.database = l2_normalize(counts * self.idf)
+        self.database = l2_normalize(word_counts(descriptor_lists, self.centroids))
         return self
 
     def embed(self, descriptor_lists: list[np.ndarray]) -> np.ndarray:
-        """Weighted, L2-normalised histograms: list of B (m_i, 128) descriptor arrays -> (B, n_words) float32."""
-        assert self.centroids is not None, "BoVWIndex is not fitted: call fit(images) or load(path) first"
-        return l2_normalize(word_counts(descriptor_lists, self.centroids) * self.idf)
+        """L2-normalised word histograms: list of B (m_i, 128) descriptor arrays -> (B, n_words) float32."""
+        assert self.centroids is not None, "BoVWIndex is not fitted: call fit(images) first"
+        return l2_normalize(word_counts(descriptor_lists, self.centroids))
 
     def search(self, vectors: np.ndarray, top_k: int = 100) -> tuple[np.ndarray, np.ndarray]:
         """Rank the database for each embedded query: (B, n_words) -> (positions, scores), both (B, k').
@@ -313,7 +276,7 @@ class BoVWIndex:
         k' = min(top_k, n). positions are 0-based IDB positions, best first; scores are cosine similarities
         (float32). Ties, e.g. every score of an all-zero query, keep IDB order (stable sort).
         """
-        assert self.database is not None, "BoVWIndex is not fitted: call fit(images) or load(path) first"
+        assert self.database is not None, "BoVWIndex is not fitted: call fit(images) first"
         scores = vectors @ self.database.T  # (B, K) @ (K, n) -> (B, n): the whole database in one product
         k_out = min(top_k, scores.shape[1])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k_out]  # (B, k')
@@ -322,29 +285,6 @@ class BoVWIndex:
     def query(self, images: np.ndarray, top_k: int = 100) -> tuple[np.ndarray, np.ndarray]:
         """Top-k IDB positions and cosine scores for each query image: (B, S, S, 3) uint8 -> two (B, k') arrays."""
         return self.search(self.embed(self.describe(images)), top_k)
-
-    def save(self, path: str) -> None:
-        """Write the fitted index to ``path`` as a plain .npz (arrays and scalars only, no pickled objects)."""
-        assert self.database is not None, "BoVWIndex is not fitted: nothing to save"
-        with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the name
-            np.savez(
-                f, centroids=self.centroids, idf=self.idf, database=self.database, k=self.k, seed=self.seed,
-                max_iter=self.max_iter, max_descriptors=-1 if self.max_descriptors is None else self.max_descriptors,
-                weighting=self.weighting, root_sift=self.root_sift,
-            )
-
-    @classmethod
-    def load(cls, path: str) -> BoVWIndex:
-        """Rebuild an index written by ``save``; the result answers queries exactly as the saved one did."""
-        with np.load(path, allow_pickle=False) as z:
-            max_descriptors = int(z["max_descriptors"])
-            index = cls(
-                k=int(z["k"]), seed=int(z["seed"]), max_iter=int(z["max_iter"]),
-                max_descriptors=None if max_descriptors < 0 else max_descriptors,
-                weighting=str(z["weighting"]), root_sift=bool(z["root_sift"]),
-            )
-            index.centroids, index.idf, index.database = z["centroids"], z["idf"], z["database"]
-        return index
 
 
 # ----------------------------------------------------------------------------- 5. semantic IDs without labels
