@@ -141,6 +141,17 @@ def preprocess(image: np.ndarray, image_size: int,
     return center_crop_resize(image, image_size)
 
 
+# 16-bit greyscale (PNG, TIFF, PGM) as PIL opens it. Its convert("RGB") clips every value above 255 to
+# white instead of scaling, so these are scaled to 8 bits by hand.
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def sixteen_bit_grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """(H, W) values in 0..65535 -> (H, W, 3) uint8 RGB, 0..255 (65535 / 257 = 255)."""
+    scaled = np.clip(np.round(grey.astype(np.float32) / 257), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(scaled, cv2.COLOR_GRAY2RGB)
+
+
 def read_image(path: str, image_size: int,
                aspect_range: Sequence[float] | None = DEFAULT_ASPECT_RANGE) -> np.ndarray | None:
     """Decode one file and preprocess it (paper §2.1); None when the aspect filter rejects it.
@@ -148,8 +159,9 @@ def read_image(path: str, image_size: int,
     ``aspect_range=None`` skips the filter (still centre-cropped), e.g. for a user's query image.
     The ratio is read from the header before any decoding, and JPEGs are decoded at the smallest
     DCT scale that still covers ``image_size`` (Image.draft), so rejected or large files cost little.
-    Greyscale, RGBA and palette images become RGB (alpha is dropped). Raises UnreadableImage (a
-    DataError) for anything PIL cannot open or decode; the loaders count those as skipped instead.
+    Greyscale (8 or 16 bits), RGBA, palette and CMYK images become RGB (alpha is dropped). Raises
+    UnreadableImage (a DataError) for anything PIL cannot open or decode; the loaders count those as
+    skipped instead.
     """
     try:
         with Image.open(path) as im:
@@ -160,7 +172,10 @@ def read_image(path: str, image_size: int,
             im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-            rgb = np.asarray(im.convert("RGB"))
+            if im.mode in SIXTEEN_BIT_GREY_MODES:
+                rgb = sixteen_bit_grey_to_rgb(np.asarray(im))
+            else:
+                rgb = np.asarray(im.convert("RGB"))  # also CMYK, greyscale, RGBA, 16-bit RGB (PIL reads it as 8-bit)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UnreadableImage(f"cannot read image '{path}' ({error}); pass a readable image file") from None
     return center_crop_resize(rgb, image_size)  # the header ratio decided; draft() may round a pixel
@@ -378,7 +393,8 @@ def load_imagefolder(root: str, image_size: int = 160, aspect_range: Sequence[fl
 
     Files are read in name order; ``limit_per_class`` keeps at most that many images per class (the
     first that pass the filter), so a huge tree such as ImageNet need not be decoded whole. Files with
-    other extensions are ignored; unreadable image files are skipped and counted.
+    other extensions are ignored; unreadable image files are skipped and counted. A class folder left
+    with no usable image is an error, like an empty one.
     """
     _check_image_size(image_size)
     aspect_range = check_aspect_range(aspect_range)
@@ -394,6 +410,10 @@ def load_imagefolder(root: str, image_size: int = 160, aspect_range: Sequence[fl
             raise DataError(f"class folder '{folder}' has no image files; add images ({' '.join(IMAGE_EXTENSIONS)}) "
                             f"or remove the folder")
         decoded, kept, class_skipped, class_filtered = _decode_all(paths, image_size, aspect_range, limit_per_class)
+        if not decoded:  # an empty class, as far as the run can tell
+            raise DataError(f"class folder '{folder}' has no usable image ({class_skipped} unreadable, "
+                            f"{class_filtered} outside aspect range {tuple(aspect_range)}); replace the files, "
+                            f"remove the folder, or widen --aspect-range (e.g. 0.5 2.0)")
         images += decoded
         labels += [cls] * len(decoded)
         refs += [paths[position] for position in kept]
@@ -414,6 +434,9 @@ def _read_coco_json(path: str) -> dict:
             content = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{problem} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{problem} holds a JSON {type(content).__name__}, not an object with 'images', "
+                        f"'annotations' and 'categories'; {fix}")
     try:
         images = [(int(im["id"]), str(im["file_name"]), int(im.get("width", 0)), int(im.get("height", 0)))
                   for im in content["images"]]
@@ -438,8 +461,8 @@ def load_coco(images_dir: str, annotations: str | Sequence[str], image_size: int
     class_names are the COCO names). Primary category, for clustered IDs and stratification: the one
     with the largest total annotated area in the image, ties to the lower category id. Images with no
     annotation are dropped and counted in ``unlabelled`` (nothing could be relevant to them); images
-    missing or unreadable on disk count as ``skipped``. The aspect filter uses the JSON's width and
-    height when present, so rejected images are never opened.
+    missing or unreadable on disk count as ``skipped`` (all of them missing is an error: a wrong folder).
+    The aspect filter uses the JSON's width and height when present, so rejected images are never opened.
     """
     _check_image_size(image_size)
     aspect_range = check_aspect_range(aspect_range)
@@ -469,6 +492,9 @@ def load_coco(images_dir: str, annotations: str | Sequence[str], image_size: int
                 labels.append(frozenset(area[image_id]))
                 # largest area first, then the lower category id
                 primary.append(max(area[image_id], key=lambda cls, a=area[image_id]: (a[cls], -cls)))
+    if files and not any(os.path.isfile(path) for path in files):  # the usual slip: a parent or sibling folder
+        raise DataError(f"none of the {len(files)} images listed in the annotations is in '{images_dir}' "
+                        f"(e.g. '{files[0]}'); pass the folder that holds them with --data-root")
     images, kept, skipped, unseen_filtered = _decode_all(files, image_size, aspect_range)
     filtered += unseen_filtered  # images whose JSON entry had no size
     if not images:

@@ -21,14 +21,17 @@ Usage:
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import IO
 
 import numpy as np
 import torch
@@ -120,12 +123,11 @@ def set_seed(seed: int) -> None:
 
 
 class Log:
-    """Prints a line and appends it to the run's log file."""
+    """Prints a line and appends it to the run's log file. The file is never emptied: a run into a
+    folder that already holds one, or a run that stops on bad input, keeps what earlier runs wrote."""
 
     def __init__(self, path: str | None = None, quiet: bool = False):
         self.path, self.quiet = path, quiet
-        if path:
-            open(path, "w").close()
 
     def __call__(self, line: str = "") -> None:
         if not self.quiet:
@@ -236,6 +238,7 @@ def check_args(a: argparse.Namespace) -> None:
         if a.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
         return
+    check_out_folder(a.out or default_out(a))
     if a.dataset in ("imagenet", "coco") and not a.data_root:
         raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Data')")
     if a.dataset == "coco" and not a.coco_annotations:
@@ -267,6 +270,17 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
+
+
+def check_out_folder(out: str) -> None:
+    """The output folder must be creatable and writable; checked before any work, creating nothing."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):        # the deepest part of the path that already exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--out '{out}' cannot be a folder: '{existing}' is a file; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out '{out}' is not writable (no write permission in '{existing}'); pass another --out")
 
 
 def model_config(a: argparse.Namespace, max_len: int) -> ViTDSIConfig:
@@ -735,25 +749,103 @@ def load_images(a: argparse.Namespace, db_size: int, log: Log) -> data.ImageSet:
 # Outputs: checkpoint, curves, tables
 # --------------------------------------------------------------------------------------------
 
+def atomic_write(path: str, write: Callable[[IO], None], text: bool = False) -> None:
+    """Write a file whole or not at all: `write(f)` fills a temporary file in the same folder, which then
+    takes the place of `path` in one rename (os.replace is atomic within a file system). A reader never
+    sees half a file, and a write that fails leaves the previous file as it was and no temporary behind."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb", encoding="utf-8" if text else None) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())   # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+# Bump when the checkpoint's layout changes: a file of another version is refused with both numbers.
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = ("model", "config", "ids", "idb_refs")   # what query mode needs
+
+
 def save_checkpoint(path, model, optimizer, config, a, epoch, idb_ids, idb_refs, ids_scheme, db_size) -> None:
-    """One dict with everything needed to rebuild the model and answer queries (STYLE rule 10)."""
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(config),
-                "args": vars(a), "epoch": epoch, "seed": a.seed, "ids": idb_ids, "idb_refs": idb_refs,
-                "ids_scheme": ids_scheme, "db_size": db_size, "aspect_range": list(a.aspect_range)}, path)
+    """One dict with everything needed to rebuild the model and answer queries.
+
+    Only tensors and plain data (dict, list, tuple, str, int, float, bool, None), so that
+    `torch.load(..., weights_only=True)` reads it back without running any code from the file."""
+    ckpt = {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": asdict(config), "args": vars(a), "epoch": epoch, "seed": a.seed, "ids": idb_ids,
+            "idb_refs": idb_refs, "ids_scheme": ids_scheme, "db_size": db_size, "aspect_range": list(a.aspect_range)}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def torch_load_error(e: Exception) -> str:
+    """The line of a torch.load error that says what is wrong; the weights-only unpickler puts it
+    after "WeightsUnpickler error:", below advice to load the file unsafely, which we never do."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". Please use")[0] if lines else type(e).__name__
+
+
+def state_dict_mismatch(expected: dict, found: dict) -> str | None:
+    """The first difference between a model's state_dict and a checkpoint's, in words; None if they fit."""
+    if not isinstance(found, dict):
+        return f"its weights are a {type(found).__name__}, not a state_dict"
+    for name, tensor in expected.items():
+        if name not in found:
+            return f"it lacks the parameter '{name}'"
+        if not isinstance(found[name], torch.Tensor) or found[name].shape != tensor.shape:
+            shape = tuple(found[name].shape) if isinstance(found[name], torch.Tensor) else type(found[name]).__name__
+            return f"its parameter '{name}' has shape {shape}, the config gives {tuple(tensor.shape)}"
+    unknown = sorted(set(found) - set(expected))
+    return f"it has a parameter '{unknown[0]}' that this model lacks" if unknown else None
 
 
 def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
+    """Rebuild the model from a checkpoint.pt; any file that is not one of this version is a UsageError.
+
+    weights_only=True: the unpickler builds tensors and plain containers only, so a crafted file that
+    would run code when unpickled is refused before any of it runs."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' not found: pass the checkpoint.pt written by a training run")
+    retrain = "pass a checkpoint.pt written by this version of train.py, or retrain"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        config = ViTDSIConfig(**ckpt["config"])
-        model = ViTDSI(config)
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # any file that is not our checkpoint: one line, exit 2 (SPEC "Behaviour")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"'{path}' is not a checkpoint of this version of vit-dsi ({first}): "
-                         f"retrain with train.py") from None
+        with warnings.catch_warnings():    # torch warns about foreign pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file torch cannot read safely, whatever it is: one line, exit 2
+        raise UsageError(f"'{path}' is not a vit-dsi checkpoint (the safe loader refused it: {torch_load_error(e)}); "
+                         f"{retrain}") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise UsageError(f"'{path}' has no format_version: not a vit-dsi checkpoint, or one older than "
+                         f"versioned checkpoints; {retrain}")
+    if ckpt["format_version"] != CHECKPOINT_VERSION:
+        raise UsageError(f"'{path}' is a checkpoint of format version {ckpt['format_version']}, this train.py "
+                         f"reads version {CHECKPOINT_VERSION}; {retrain}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise UsageError(f"'{path}' lacks the checkpoint field '{missing[0]}'; {retrain}")
+    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    differ = sorted(map(str, set(config) ^ {f.name for f in fields(ViTDSIConfig)}))   # fields on one side only
+    if differ:
+        raise UsageError(f"'{path}' has a model config that differs from this version's in the field "
+                         f"'{differ[0]}'; {retrain}")
+    try:
+        model = ViTDSI(ViTDSIConfig(**config))
+    except (ValueError, TypeError, AssertionError) as e:
+        raise UsageError(f"'{path}' holds an invalid model config ({e}); {retrain}") from None
+    mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
+    if mismatch:
+        raise UsageError(f"'{path}' does not fit its own model config: {mismatch}; {retrain}")
+    ids, refs = ckpt["ids"], ckpt["idb_refs"]
+    if not (isinstance(ids, list) and isinstance(refs, list) and 0 < len(ids) == len(refs) == len(set(ids))
+            and all(isinstance(i, str) and i.isdigit() for i in ids)):
+        raise UsageError(f"'{path}' has a broken ID map (ids and idb_refs must be equally long lists of "
+                         f"distinct digit strings); {retrain}")
+    model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
 
@@ -796,7 +888,7 @@ def draw_curves(curves: dict, path: str, title: str) -> None:
             elif pts:
                 draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
             draw.text((box[2] - 60, box[1] + 5 + 12 * k), label, fill=colour)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 # Numbers quoted from the paper for the one cell our protocol reproduces (ImageNet, 512, clustered).
@@ -828,11 +920,11 @@ def results_markdown(rows: list[dict], header: str) -> str:
 
 
 def write_results(out: str, rows: list[dict], header: str, extra: dict) -> str:
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, **extra}, f, indent=2)
+    """results.json and results.md, each written whole or not at all."""
+    atomic_write(os.path.join(out, "results.json"), lambda f: json.dump({"rows": rows, **extra}, f, indent=2),
+                 text=True)
     table = results_markdown(rows, header)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
+    atomic_write(os.path.join(out, "results.md"), lambda f: f.write(table), text=True)
     return table
 
 

@@ -31,6 +31,7 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_every_output(tiny_run):
     for name in ("results.json", "results.md", "curves.png", "checkpoint.pt", "train.log"):
         assert (tiny_run / name).stat().st_size > 0, name
+    assert not [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")]   # every rename happened
     rows = json.loads((tiny_run / "results.json").read_text())["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == [("BoVW", "-"), ("ViT DSI", "zero-shot"),
                                                          ("ViT DSI", "fine-tuned")]
