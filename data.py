@@ -602,22 +602,32 @@ def relevant_sets(query_labels: list[frozenset], idb_labels: list[frozenset],
 # ---------------------------------------------------------------- document IDs and tokens (paper §2.1, §2.2)
 
 def assign_ids(primary: np.ndarray, scheme: str, seed: int = 0) -> list[str]:
-    """The ID string of each IDB image, in IDB order; fixed width (digits of n-1), zero-padded.
+    """The ID string of each IDB image, in IDB order (paper §2.1).
 
-    "random": a seeded shuffle of 0..n-1. "clustered": images grouped by primary class (class order,
-    then IDB order) get consecutive IDs, so a class shares ID prefixes (the seed is not used).
+    "random": a seeded shuffle of 0..n-1, fixed width (digits of n-1), zero-padded.
+    "clustered": a class prefix, then a per-class counter: image j of class c (in IDB order) gets
+    f"{c:0{cw}d}{j:0{kw}d}". The prefix width cw holds every class index (digits of max class); the
+    counter width kw holds twice the largest class (digits of 2 * largest - 1), so a class can grow
+    without renumbering. A class's IDs are consecutive and share their first cw digits: the decoder's
+    first cw steps choose the class, the rest the image. The seed is not used.
     """
-    primary = np.asarray(primary)
+    primary = np.asarray(primary, dtype=np.int64)
     n = len(primary)
-    width = len(str(max(n - 1, 0)))
     if scheme == "random":
-        numbers = np.random.default_rng(seed).permutation(n)
-    elif scheme == "clustered":
-        numbers = np.empty(n, dtype=np.int64)
-        numbers[np.argsort(primary, kind="stable")] = np.arange(n)
-    else:
+        width = len(str(max(n - 1, 0)))
+        return [f"{number:0{width}d}" for number in np.random.default_rng(seed).permutation(n)]
+    if scheme != "clustered":
         raise DataError(f"unknown ID scheme '{scheme}'; use 'random' or 'clustered'")
-    return [f"{number:0{width}d}" for number in numbers]
+    if n == 0:
+        return []
+    class_width = len(str(int(primary.max())))
+    counter_width = len(str(2 * int(np.bincount(primary).max()) - 1))
+    counter = np.zeros(int(primary.max()) + 1, dtype=np.int64)
+    ids = []
+    for c in primary.tolist():
+        ids.append(f"{c:0{class_width}d}{counter[c]:0{counter_width}d}")
+        counter[c] += 1
+    return ids
 
 
 def encode_id(id_str: str) -> list[int]:

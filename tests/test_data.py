@@ -308,14 +308,16 @@ def test_random_ids_are_a_padded_permutation():
     assert len(assign_ids([0] * 11, "random")[0]) == 2 and assign_ids([5], "random") == ["0"]
 
 
-def test_clustered_ids_are_consecutive_per_class_and_share_prefixes():
-    assert assign_ids(np.array([2, 0, 1, 0, 2, 1, 0]), "clustered") == ["5", "0", "3", "1", "6", "4", "2"]
-    primary = np.tile(np.arange(10), 10)  # classes interleaved in IDB order, 10 each
+def test_clustered_ids_are_a_class_prefix_and_a_counter():
+    # 3 classes -> 1 prefix digit; largest class has 3 images -> counter holds up to 2*3-1 = 5: 1 digit
+    assert assign_ids(np.array([2, 0, 1, 0, 2, 1, 0]), "clustered") == ["20", "00", "10", "01", "21", "11", "02"]
+    primary = np.tile(np.arange(12), 10)  # 12 classes interleaved in IDB order, 10 each
     ids = assign_ids(primary, "clustered")
-    for cls in range(10):
-        mine = sorted(int(i) for i, p in zip(ids, primary) if p == cls)
-        assert mine == list(range(10 * cls, 10 * cls + 10))  # consecutive
-        assert {i[0] for i, p in zip(ids, primary) if p == cls} == {str(cls)}  # shared first digit
+    assert len(set(ids)) == len(ids) and {len(i) for i in ids} == {4}  # 2 prefix + 2 counter digits (19)
+    for cls in range(12):
+        mine = sorted(i for i, p in zip(ids, primary) if p == cls)
+        assert mine == [f"{cls:02d}{j:02d}" for j in range(10)]  # consecutive, one shared prefix
+    assert assign_ids(np.array([], np.int64), "clustered") == []
     with pytest.raises(DataError, match="unknown ID scheme"):
         assign_ids(primary, "semantic")
 
