@@ -66,7 +66,7 @@ class Recipe:
     warmup_epochs: float     # linear warm-up length of each phase; 0 = none
     schedule: str            # "constant" (paper) or "cosine" (decay to lr_floor over the epoch cap)
     lr_floor: float          # cosine floor as a fraction of the peak
-    bf16: bool               # bfloat16 autocast: faster only on CPUs with bf16 units, and numbers move
+    precision: str           # "fp32", "bf16" autocast, or "auto": bf16 where the hardware has bf16 units
     index_epochs: int        # indexing epoch cap (paper: 750-1000 epochs)
     index_dropout: float | None  # dropout while memorising the index (None = the model's --dropout)
     index_views: float       # indexing: augmented views per IDB image per epoch, labelled with its ID
@@ -83,11 +83,11 @@ class Recipe:
 
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
-                    schedule="constant", lr_floor=1.0, bf16=False, index_epochs=1000, index_dropout=None,
+                    schedule="constant", lr_floor=1.0, precision="fp32", index_epochs=1000, index_dropout=None,
                     index_views=0.0, retrieval_epochs=75, retrieval_lr=5e-4, early_stop="loss", patience=10,
                     min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
-                   schedule="cosine", lr_floor=0.05, bf16=False, index_epochs=150, index_dropout=0.0,
+                   schedule="cosine", lr_floor=0.05, precision="auto", index_epochs=150, index_dropout=0.0,
                    index_views=0.0, retrieval_epochs=25, retrieval_lr=5e-4, early_stop="map", patience=3,
                    min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8),
 }
@@ -107,7 +107,8 @@ RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's v
     "augment": "retrieval phase: augmented views of the query images",
     "label_smoothing": "retrieval phase label smoothing",
     "retrieval_targets": "retrieval phase: relevant IDs trained per query per step, sharing one encoder pass",
-    "bf16": "bfloat16 autocast (fast only on CPUs/GPUs with bf16 units; metrics then differ by machine)",
+    "precision": "arithmetic of training and decoding: auto = bf16 autocast on hardware with bf16 units "
+                 "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32; numbers then differ between such machines",
 }
 
 
@@ -146,6 +147,21 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve a recipe's precision: "auto" takes bf16 autocast only where the hardware computes in bf16
+    (on a CPU without bf16 units, autocast emulates it and runs several times slower than fp32)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "early_stop":
             g.add_argument(flag, choices=["loss", "map"], help=help_text)
+        elif f.name == "precision":
+            g.add_argument(flag, choices=["auto", "fp32", "bf16"], help=help_text)
         else:
             kind = int if f.type in (int, "int") else float
             g.add_argument(flag, type=kind, help=help_text)
@@ -479,6 +497,7 @@ class Cell:
     trie: IDTrie                       # the valid IDs, for constrained decoding
     images: torch.Tensor               # (n, 3, S, S) uint8: every image of the run, decoded once
     device: torch.device
+    bf16: bool                         # bfloat16 autocast, from the recipe's precision and the hardware
     gen: torch.Generator               # batch order of both phases
     log: Log
     curves: dict[str, list[float]] = field(default_factory=dict)
@@ -508,7 +527,7 @@ def index(cell: Cell, model: ViTDSI) -> dict:
                 augmented=torch.arange(len(pool_targets)) >= n_idb)
     steps = math.ceil((n_idb + n_views) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.index_epochs))
-    trainer = Trainer(model, optimizer, scheduler, cell.device, recipe.bf16,
+    trainer = Trainer(model, optimizer, scheduler, cell.device, cell.bf16,
                       augment_gen=torch.Generator().manual_seed(a.seed + 2))
     cell.curves["index_loss"], cell.curves["index_acc"] = [], []
     t_start, train_ia = time.perf_counter(), 0.0
@@ -570,7 +589,7 @@ def retrieval_pool(cell: Cell, rng: np.random.Generator) -> tuple[Pool, int, int
 def validate(cell: Cell, model: ViTDSI, val: dict) -> dict[str, float]:
     """Validation loss and exact match (teacher-forced) and, when stopping on it, MAP@10 by beam search."""
     recipe = cell.recipe
-    loss, acc = eval_loss(model, val["images"], val["targets"], 2 * recipe.batch_size, cell.device, recipe.bf16)
+    loss, acc = eval_loss(model, val["images"], val["targets"], 2 * recipe.batch_size, cell.device, cell.bf16)
     scores = {"loss": loss, "acc": acc}
     if recipe.early_stop == "map":   # MAP@10 needs only the top 10 of each ranked list
         ranked, _ = rank_dsi(model, val["images"], cell.trie, 10, cell.a.beam, cell.device)
@@ -600,7 +619,7 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
     steps = math.ceil((n_q + n_mix) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
-    trainer = Trainer(model, optimizer, scheduler, cell.device, recipe.bf16, recipe.label_smoothing,
+    trainer = Trainer(model, optimizer, scheduler, cell.device, cell.bf16, recipe.label_smoothing,
                       augment_gen=torch.Generator().manual_seed(a.seed + 1))
     log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, lr {recipe.retrieval_lr:g}, "
         f"up to {recipe.retrieval_epochs} epochs (at least {recipe.min_epochs}, then patience {recipe.patience}, "
@@ -689,8 +708,9 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     idb_ids = make_ids(a, imageset, split, ids_scheme, log)
     log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
         f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
+    device = pick_device(a.device)
     cell = Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
-                data.images_to_tensor(imageset.images), pick_device(a.device),
+                data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
                 torch.Generator().manual_seed(a.seed), log)
     rows = [run_bovw(cell)] if "bovw" in a.models and with_bovw else []
     if "dsi" not in a.models:
@@ -699,7 +719,7 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     config = model_config(a, max_len=max(map(len, idb_ids)) + 2)             # BOS, digits, EOS
     model = ViTDSI(config).to(cell.device)
     log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if recipe.bf16 else 'fp32'}), "
+        f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if cell.bf16 else 'fp32'}), "
         f"device {cell.device.type}")
     indexed = index(cell, model)
     info = {"index_epochs": indexed["epochs"], "index_seconds_per_epoch": round(indexed["seconds"] / indexed["epochs"], 3),

@@ -163,4 +163,4 @@ def test_recipe_is_the_named_one_plus_single_field_flags():
     assert train.recipe_from_args(parse("--recipe", "paper")) == train.RECIPES["paper"]
     assert train.recipe_from_args(parse("--retrieval-epochs", "7")).retrieval_epochs == 7
     assert train.recipe_from_args(parse("--no-augment")).augment is False
-    assert train.recipe_from_args(parse("--recipe", "paper", "--bf16")).bf16 is True
+    assert train.recipe_from_args(parse("--recipe", "paper", "--precision", "bf16")).precision == "bf16"
