@@ -99,3 +99,26 @@ def test_numpy_rankings_work():
     assert precision_at_k(np.array([3, 1, 2]), {1, 7}, 2) == pytest.approx(1 / 2)
     assert recall_at_k(np.array([3, 1, 2]), {1, 7}, 3) == pytest.approx(1 / 2)
     assert precision_at_k([1], {1}, np.int64(1)) == 1.0  # a numpy integer is a valid k
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_a_relevant_item_just_past_k_does_not_count(k):
+    """The cut-off is exact: the only relevant item at rank k + 1 scores 0; at rank k it counts once."""
+    ranked = [f"x{i}" for i in range(1, k + 2)]               # ranks 1 .. k+1
+    past, at = {ranked[k]}, {ranked[k - 1]}                    # rank k+1, rank k (R = 1)
+    assert precision_at_k(ranked, past, k) == 0.0
+    assert recall_at_k(ranked, past, k) == 0.0
+    assert average_precision_at_k(ranked, past, k) == 0.0
+    assert mean_average_precision_at_k([ranked], [past], k) == 0.0
+    assert indexing_accuracy([ranked], [ranked[k]], k) == 0.0
+    assert precision_at_k(ranked, at, k) == pytest.approx(1 / k)          # 1 hit / k
+    assert recall_at_k(ranked, at, k) == 1.0                               # 1 hit / R=1
+    assert average_precision_at_k(ranked, at, k) == pytest.approx(1 / k)  # (P@k = 1/k) / min(k, 1)
+    assert indexing_accuracy([ranked], [ranked[k - 1]], k) == 1.0
+
+
+def test_retrieval_metrics_cut_at_10_and_100():
+    ranked = [f"{i:03d}" for i in range(101)]
+    at_11, at_101 = {"010"}, {"100"}                           # ranks 11 and 101
+    assert retrieval_metrics([ranked], [at_11]) == {"MAP@10": 0.0, "P@10": 0.0, "Recall@10": 0.0, "Recall@100": 1.0}
+    assert retrieval_metrics([ranked], [at_101])["Recall@100"] == 0.0

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from vitdsi import ViTDSI, ViTDSIConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--db-size", "64", "--image-size", "64", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
         "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "150", "--index-target-acc", "1.0",
-        "--retrieval-epochs", "2", "--bovw-k", "16", "--lr", "3e-3", "--quiet", "--threads", "2"]
+        "--retrieval-epochs", "2", "--bovw-k", "16", "--lr", "3e-3", "--quiet", "--threads", "1"]
 ROW_KEYS = {"model", "variant", "db_size", "ids", "IA@1", "IA@5", "MAP@10", "P@10", "Recall@10", "Recall@100",
             "train_seconds", "query_ms"}
 
@@ -35,12 +36,28 @@ def test_run_writes_every_output(tiny_run):
     rows = json.loads((tiny_run / "results.json").read_text())["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == [("BoVW", "-"), ("ViT DSI", "zero-shot"),
                                                          ("ViT DSI", "fine-tuned")]
+    n_test = data.split_sizes(64)[3]
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
-        for key in ("MAP@10", "P@10", "Recall@10", "Recall@100"):
+        for key in ("MAP@10", "P@10", "Recall@10"):
             assert 0.0 <= r[key] <= 1.0
+        # Every model is scored on the same test queries; each has a relevant image in the 16-image IDB,
+        # and every ranked list of 100 holds the whole IDB, so it holds every relevant image.
+        assert r["test_queries"] == r["test_queries_scored"] == n_test
+        assert r["Recall@100"] == 1.0 and r["Recall@10"] <= r["Recall@100"]
+        assert r["IA@1"] <= r["IA@5"]
+    # A database image queried against the BoVW index ranks itself first (its own histogram, cosine 1).
+    assert rows[0]["IA@1"] == 1.0
     # The index was trained to the 1.0 target: the zero-shot model must write every IDB image's own ID.
     assert rows[1]["IA@1"] == 1.0
+    # Fine-tuned = the same indexing, then a retrieval phase that keeps one of the epochs it ran.
+    assert rows[1]["index_epochs"] == rows[2]["index_epochs"] and rows[1]["train_seconds"] <= rows[2]["train_seconds"]
+    assert 1 <= rows[2]["retrieval_epoch_kept"] <= rows[2]["retrieval_epochs"] <= 2
+    assert torch.load(tiny_run / "checkpoint.pt", weights_only=True)["epoch"] == rows[2]["retrieval_epoch_kept"]
+    # The recipe the run trained with: the named one, then TINY's single-field flags on top.
+    recipe = json.loads((tiny_run / "results.json").read_text())["recipe"]
+    assert recipe == {"name": "fast", **asdict(train.recipe_from_args(train.build_parser().parse_args(TINY)))}
+    assert recipe["retrieval_epochs"] == 2 and recipe["lr"] == 3e-3
     assert "| ViT DSI | zero-shot | 64 | clustered |" in (tiny_run / "results.md").read_text()
     assert Image.open(tiny_run / "curves.png").size[0] > 400
 

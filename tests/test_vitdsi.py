@@ -95,6 +95,42 @@ def test_later_tokens_do_not_change_earlier_logits(pos_encoding):
     assert not torch.allclose(after[:, 3:], before[:, 3:])   # the change is seen from its own position on
 
 
+def with_patch_changed(images: torch.Tensor, patch: int, p: int = SMALL["patch_size"]) -> torch.Tensor:
+    """A copy of images (B, C, S, S) with other pixels in patch number `patch` (patches row by row)."""
+    row, col = divmod(patch, images.shape[-1] // p)
+    changed = images.clone()
+    changed[..., row * p:(row + 1) * p, col * p:(col + 1) * p] += 1.0
+    return changed
+
+
+def test_every_patch_encoding_sees_every_patch():
+    """The encoder is bidirectional (paper §3.2, as in ViT): changing the last patch changes the first
+    patch's encoding, changing the first changes the last's, and so for every patch."""
+    model = small_model().eval()
+    images = torch.randn(2, 3, 32, 32)
+    n = model.patch_embedding.num_patches
+    with torch.no_grad():
+        before = model.encode(images)                                          # (B, N, D)
+        for patch in (0, n - 1):
+            after = model.encode(with_patch_changed(images, patch))
+            moved = (after - before).abs().amax(dim=-1)                        # (B, N)
+            assert (moved > 1e-4).all(), f"changing patch {patch} left {(moved <= 1e-4).nonzero().tolist()} as they were"
+
+
+def test_every_id_token_reads_every_patch():
+    """Cross-attention reads all patches: changing any one patch (first, middle, last) changes the logits
+    at every decoder position."""
+    model = small_model().eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[BOS, 1, 2, 3, EOS], [BOS, 4, 5, 6, EOS]])
+    n = model.patch_embedding.num_patches
+    with torch.no_grad():
+        before = model(images, tokens)                                         # (B, L, V)
+        for patch in (0, n // 2, n - 1):
+            moved = (model(with_patch_changed(images, patch), tokens) - before).abs().amax(dim=-1)   # (B, L)
+            assert (moved > 1e-4).all(), f"changing patch {patch} left positions {(moved <= 1e-4).nonzero().tolist()}"
+
+
 def test_decode_shares_one_memory_among_the_sequences_of_an_image():
     model = small_model().eval()
     images = torch.randn(2, 3, 32, 32)
