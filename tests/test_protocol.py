@@ -3,7 +3,7 @@ choice of epoch, early stopping keeps (and restores) the best validation epoch, 
 each image with IDs that are really relevant to it, and PAD positions cost nothing.
 
 Each test builds a tiny Cell (32 px synthetic images, one block each side, no indexing phase) and runs
-the step of train.py it is about; a run takes well under a second on a CPU.
+the step of train.py it is about, for a few epochs, so that a whole retrieval phase is cheap to repeat.
 """
 import copy
 from dataclasses import replace
@@ -17,8 +17,8 @@ import train
 from vitdsi import IDTrie, ViTDSI
 
 TINY_MODEL = ["--image-size", "32", "--patch-size", "8", "--dim", "16", "--mlp-dim", "32", "--depth", "1",
-              "--heads", "2", "--dropout", "0.0", "--threads", "1"]
-DB_SIZE = 64   # IDB 16, queries train 38 / val 5 / test 5
+              "--heads", "2", "--dropout", "0.0"]
+DB_SIZE = 64   # split 0.25 / 0.75 x (0.8, 0.1, 0.1): IDB 16, queries train 38 / val 5 / test 5
 # A short retrieval phase that exercises every recipe feature that could touch the queries: augmented
 # views, index rehearsal, several targets per query; patience high enough that all epochs run.
 RECIPE = replace(train.RECIPES["fast"], batch_size=16, precision="fp32", retrieval_epochs=3, patience=10,
@@ -28,7 +28,7 @@ RECIPE = replace(train.RECIPES["fast"], batch_size=16, precision="fp32", retriev
 def tiny_cell(imageset: data.ImageSet | None = None, **recipe_fields) -> train.Cell:
     """A fresh Cell over the first DB_SIZE synthetic images (fresh batch-order generator, empty curves)."""
     a = train.build_parser().parse_args(TINY_MODEL + ["--db-size", str(DB_SIZE)])
-    imageset = imageset or data.make_synthetic(DB_SIZE, image_size=32, seed=0)
+    imageset = data.make_synthetic(DB_SIZE, image_size=32, seed=0) if imageset is None else imageset
     split = data.split_dataset(imageset, DB_SIZE, a.index_fraction, seed=a.seed)
     idb_ids = data.assign_ids(imageset.primary[split.idb], "clustered")
     return train.Cell(a=a, recipe=replace(RECIPE, **recipe_fields), db_size=DB_SIZE, ids="clustered",
@@ -44,7 +44,7 @@ def tiny_model(cell: train.Cell, seed: int = 0) -> ViTDSI:
 
 def changed(imageset: data.ImageSet, part: str, what: str) -> data.ImageSet:
     """A copy of the image set in which the queries of one split part (train, val or test) have other
-    pixels ("images": each replaced by noise) or another class ("labels": class c -> c + 1 mod 10)."""
+    pixels ("images": each replaced by noise) or another class ("labels": class c -> the next class)."""
     split = data.split_dataset(imageset, DB_SIZE, 0.25, seed=0)
     positions = getattr(split, part)
     images, labels = imageset.images.copy(), list(imageset.labels)
@@ -52,7 +52,7 @@ def changed(imageset: data.ImageSet, part: str, what: str) -> data.ImageSet:
         images[positions] = np.random.default_rng(1).integers(0, 256, images[positions].shape, dtype=np.uint8)
     else:   # relevance follows `labels`; `primary` stays, as it stratifies the split, which must not move
         for p in positions:
-            labels[p] = frozenset((c + 1) % 10 for c in labels[p])
+            labels[p] = frozenset((c + 1) % len(imageset.class_names) for c in labels[p])
     return replace(imageset, images=images, labels=labels)
 
 
