@@ -587,17 +587,22 @@ def resume_phase(cell: "Cell", phase: str, trainer: Trainer, progress: dict,
     state = cell.resumed
     if state is None or state["phase"] != phase:
         return progress
+    again = "start the run again without --resume"
     mismatch = state_dict_mismatch(trainer.model.state_dict(), state["model"])
     if mismatch:
-        raise UsageError(f"the resume state does not fit its own arguments: {mismatch}; start the run again")
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state["rng"], cell, trainer, rng)
-    if stopper is not None:
-        for key, value in state["early_stopping"].items():
-            setattr(stopper, key, value)
-    cell.curves.update(state["curves"])
+        raise UsageError(f"the resume state does not fit its own arguments: {mismatch}; {again}")
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"], cell, trainer, rng)
+        if stopper is not None:
+            for key, value in state["early_stopping"].items():
+                setattr(stopper, key, value)
+        cell.curves.update(state["curves"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # a state broken inside
+        first_line = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"the resume state is broken ({type(e).__name__}: {first_line}); {again}") from None
     cell.resumed = None   # used up: a later phase starts fresh
     return state["progress"]
 

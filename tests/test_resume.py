@@ -67,12 +67,20 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupte
     assert not (tmp_path / train.RESUME_FILE).exists()
 
 
-def test_resume_refuses_a_file_that_is_not_a_resume_state(tmp_path, capsys):
-    (tmp_path / train.RESUME_FILE).write_bytes(b"\x80\x02garbage, not a resume state")
+@pytest.mark.parametrize("content, needle", [
+    (b"\x80\x02garbage, not a resume state", "not a vit-dsi resume state"),
+    ({"format_version": train.RESUME_VERSION + 1}, f"this train.py reads version {train.RESUME_VERSION}"),
+])
+def test_resume_refuses_a_file_that_is_not_a_resume_state_of_this_version(content, needle, tmp_path, capsys):
+    path = tmp_path / train.RESUME_FILE
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
     capsys.readouterr()
     assert train.main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "not a vit-dsi resume state" in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
 
 def test_resume_refuses_other_arguments_and_a_missing_state(tmp_path, capsys):
