@@ -571,10 +571,10 @@ def save_resume_state(cell: "Cell", phase: str, trainer: Trainer, progress: dict
     if stopper is not None:   # best_state is never changed in place, only replaced: no copy needed
         record = {k: getattr(stopper, k) for k in ("best_score", "best_epoch", "bad", "best_state")}
     cell.saver.epoch_done({
-        "format_version": RESUME_VERSION, "args": vars(cell.a), "phase": phase, "progress": progress,
+        "format_version": RESUME_VERSION, "args": dict(vars(cell.a)), "phase": phase, "progress": progress,
         "model": clone_state(trainer.model.state_dict(), "cpu"),
         "optimizer": clone_state(trainer.optimizer.state_dict(), "cpu"),
-        "scheduler": trainer.scheduler.state_dict(), "rng": rng_states(cell, trainer, rng),
+        "scheduler": clone_state(trainer.scheduler.state_dict()), "rng": rng_states(cell, trainer, rng),
         "early_stopping": record, "curves": {k: list(v) for k, v in cell.curves.items()},
         "finished": dict(cell.finished)})
 
