@@ -233,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-ids", nargs="+", default=["clustered", "random"], choices=["clustered", "random", "semantic"],
                    help="ID schemes of --sweep")
     g.add_argument("--quiet", action="store_true", help="print only the final table (the log file gets everything)")
+    g.add_argument("--save-every", type=int, default=5, metavar="N",
+                   help="write the resume state (resume.pt: weights, optimiser state, generators; a few times the "
+                        "model's size) every N epochs of a phase, and on Ctrl-C; 0 = on Ctrl-C only. Each save "
+                        "writes that file in full; between saves only an in-memory copy per epoch is made")
+    g.add_argument("--resume", metavar="OUT_DIR",
+                   help="continue the interrupted run whose --out is OUT_DIR, with its own arguments (only "
+                        "--threads, --quiet and --save-every may be given too) to the metrics of an uninterrupted run")
     g = p.add_argument_group("query mode")
     g.add_argument("--checkpoint", help="checkpoint.pt of a finished run: answer --query images with it")
     g.add_argument("--query", nargs="+", metavar="IMAGE", help="image files to look up in the checkpoint's index")
@@ -257,6 +264,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
         return
     check_out_folder(a.out or default_out(a))
+    if a.save_every < 0:
+        raise UsageError(f"--save-every must be 0 (save on Ctrl-C only) or more, got {a.save_every}")
     if a.dataset in ("imagenet", "coco") and not a.data_root:
         raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Data')")
     if a.dataset == "coco" and not a.coco_annotations:
@@ -460,6 +469,10 @@ class EarlyStopping:
                                "optimizer": clone_state(optimizer.state_dict())}
         else:
             self.bad += 1
+        return self.stopped(epoch)
+
+    def stopped(self, epoch: int) -> bool:
+        """Whether the phase ends after `epoch`; also asked by a resumed run before it trains on."""
         return epoch >= self.min_epochs and self.bad >= self.patience
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -469,15 +482,177 @@ class EarlyStopping:
             optimizer.load_state_dict(self.best_state["optimizer"])
 
 
-def clone_state(state):
-    """A deep copy of a (nested) state dict whose tensors are cloned, so later steps do not change it."""
+def clone_state(state, device: torch.device | str | None = None):
+    """A deep copy of a (nested) state dict whose tensors are cloned, so later steps do not change it;
+    onto `device` when given (the resume state is kept on the CPU, off the accelerator's memory)."""
     if isinstance(state, torch.Tensor):
-        return state.detach().clone()
+        return state.detach().clone() if device is None else state.detach().to(device, copy=True)
     if isinstance(state, dict):
-        return {k: clone_state(v) for k, v in state.items()}
+        return {k: clone_state(v, device) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(clone_state(v) for v in state)
+        return type(state)(clone_state(v, device) for v in state)
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming an interrupted run: the state of the last completed epoch, in resume.pt
+# --------------------------------------------------------------------------------------------
+
+# Bump when the resume state's layout changes: a state of another version is refused with both numbers.
+RESUME_VERSION = 1
+RESUME_FILE = "resume.pt"
+RUNTIME_FLAGS = ("threads", "quiet", "save_every")   # flags a resume may change: they touch no number it computes
+
+
+@dataclass
+class ResumeSaver:
+    """Holds the state of the last completed epoch and writes it to `path` every `every` epochs of a phase
+    and when Ctrl-C stops the run. An epoch cut short has already moved the weights and the generators,
+    so only a copy taken when the epoch before it ended lets a resume continue exactly.
+    `path` None: this run is not resumable (a sweep, or not set up yet; `why_not` says which), no copy is taken."""
+    path: str | None = None
+    every: int = 0
+    state: dict | None = None
+    why_not: str = "it stopped before the run began"
+
+    def epoch_done(self, state: dict) -> None:
+        self.state = state
+        if self.every and state["progress"]["epoch"] % self.every == 0:
+            self.write()
+
+    def write(self) -> None:
+        atomic_write(self.path, lambda f: torch.save(self.state, f))
+
+    def interrupted(self) -> str:
+        """Save the last completed epoch, if any; the one line that tells the user how to go on."""
+        if self.path is None:
+            return f"interrupted; nothing saved ({self.why_not}): run the same command again"
+        if self.state is None:
+            return "interrupted before the first epoch ended; nothing to resume: run the same command again"
+        self.write()
+        return (f"interrupted; {self.state['phase']} epoch {self.state['progress']['epoch']} saved to {self.path}; "
+                f"continue with: python train.py --resume {os.path.dirname(self.path)}")
+
+
+def rng_states(cell: "Cell", trainer: Trainer, rng: np.random.Generator | None) -> dict:
+    """Every random generator the run draws from, as tensors and plain data: Python's, numpy's and torch's
+    global ones (dropout), the batch order, the augmentations, and `rng`, the retrieval targets' draws."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()   # an ndarray is not plain data
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cell.device.type == "cuda" else [],
+            "batch_order": cell.gen.get_state(), "augment": trainer.augment_gen.get_state(),
+            "targets": rng.bit_generator.state if rng is not None else None}
+
+
+def set_rng_states(states: dict, cell: "Cell", trainer: Trainer, rng: np.random.Generator | None) -> None:
+    random.setstate(states["python"])
+    numpy_state = dict(states["numpy"], state=dict(states["numpy"]["state"]))
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    cell.gen.set_state(states["batch_order"])
+    trainer.augment_gen.set_state(states["augment"])
+    if rng is not None:
+        rng.bit_generator.state = states["targets"]
+
+
+def save_resume_state(cell: "Cell", phase: str, trainer: Trainer, progress: dict,
+                      rng: np.random.Generator | None = None, stopper: EarlyStopping | None = None) -> None:
+    """Hand the state at the end of an epoch to the run's ResumeSaver: what a resume needs to go on as if
+    never stopped. Weights, optimiser and lr schedule, every generator, the phase's progress (epoch,
+    seconds so far, ...), the early-stopping record, the curves, the rows of the steps already finished
+    (BoVW, zero-shot) and the run's arguments. Tensors and plain data only, for torch.load(weights_only=True)."""
+    if cell.saver.path is None:
+        return
+    record = None
+    if stopper is not None:   # best_state is never changed in place, only replaced: no copy needed
+        record = {k: getattr(stopper, k) for k in ("best_score", "best_epoch", "bad", "best_state")}
+    cell.saver.epoch_done({
+        "format_version": RESUME_VERSION, "args": dict(vars(cell.a)), "phase": phase, "progress": progress,
+        "model": clone_state(trainer.model.state_dict(), "cpu"),
+        "optimizer": clone_state(trainer.optimizer.state_dict(), "cpu"),
+        "scheduler": clone_state(trainer.scheduler.state_dict()), "rng": rng_states(cell, trainer, rng),
+        "early_stopping": record, "curves": {k: list(v) for k, v in cell.curves.items()},
+        "finished": dict(cell.finished)})
+
+
+def resume_phase(cell: "Cell", phase: str, trainer: Trainer, progress: dict,
+                 rng: np.random.Generator | None = None, stopper: EarlyStopping | None = None) -> dict:
+    """Where a phase starts: `progress` as given, or, when this run resumes inside `phase`, the saved
+    progress, after putting back everything save_resume_state kept. Called once the phase has built its
+    optimiser, schedule and generators, so that the saved states overwrite the fresh ones."""
+    state = cell.resumed
+    if state is None or state["phase"] != phase:
+        return progress
+    again = "start the run again without --resume"
+    mismatch = state_dict_mismatch(trainer.model.state_dict(), state["model"])
+    if mismatch:
+        raise UsageError(f"the resume state does not fit its own arguments: {mismatch}; {again}")
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"], cell, trainer, rng)
+        if stopper is not None:
+            for key, value in state["early_stopping"].items():
+                setattr(stopper, key, value)
+        cell.curves.update(state["curves"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # a state broken inside
+        first_line = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"the resume state is broken ({type(e).__name__}: {first_line}); {again}") from None
+    cell.resumed = None   # used up: a later phase starts fresh
+    return state["progress"]
+
+
+def load_resume_state(out: str) -> dict:
+    """The resume state in folder `out`; anything that is not one of this version is a UsageError."""
+    path = os.path.join(out, RESUME_FILE)
+    if not os.path.isfile(path):
+        finished = os.path.isfile(os.path.join(out, "results.json"))
+        raise UsageError(f"no {RESUME_FILE} in '{out}': " + (
+            "the run there finished (a finished run deletes its resume state); its results are in results.json"
+            if finished else "pass the --out folder of an interrupted run"))
+    again = "start the run again without --resume"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file torch cannot read safely, whatever it is: one line, exit 2
+        raise UsageError(f"'{path}' is not a vit-dsi resume state (the safe loader refused it: "
+                         f"{torch_load_error(e)}); {again}") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise UsageError(f"'{path}' has no format_version: not a vit-dsi resume state; {again}")
+    if state["format_version"] != RESUME_VERSION:
+        raise UsageError(f"'{path}' is a resume state of version {state['format_version']}, this train.py reads "
+                         f"version {RESUME_VERSION}; finish the run with the train.py that began it, or {again}")
+    expected = {"args", "phase", "progress", "model", "optimizer", "scheduler", "rng", "early_stopping",
+                "curves", "finished"}
+    missing = sorted(expected - set(state))
+    if missing or state["phase"] not in ("index", "retrieval"):
+        raise UsageError(f"'{path}' is a broken resume state (" + (f"no '{missing[0]}'" if missing else
+                         f"unknown phase '{state['phase']}'") + f"); {again}")
+    return state
+
+
+def resume_args(a: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The arguments and resume state of the run recorded in `--resume OUT_DIR`. The run keeps its own
+    arguments; of this command line only the RUNTIME_FLAGS count, and the output folder is OUT_DIR
+    (it may have been moved)."""
+    parser = build_parser()
+    given = [k for k, v in vars(a).items() if k != "resume" and v != parser.get_default(k)]
+    other = [k for k in given if k not in RUNTIME_FLAGS]
+    if other:
+        raise UsageError(f"--resume continues a run with its own arguments: drop --{other[0].replace('_', '-')} "
+                         f"(only --threads, --quiet and --save-every may be given with --resume)")
+    state = load_resume_state(a.resume)
+    if not isinstance(state["args"], dict) or set(state["args"]) != set(vars(a)):
+        raise UsageError(f"'{os.path.join(a.resume, RESUME_FILE)}' records the arguments of another version of "
+                         f"train.py; start the run again without --resume")
+    ours = {k: getattr(a, k) for k in given}
+    return argparse.Namespace(**{**state["args"], **ours, "resume": a.resume, "out": a.resume}), state
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +676,9 @@ class Cell:
     gen: torch.Generator               # batch order of both phases
     log: Log
     curves: dict[str, list[float]] = field(default_factory=dict)
+    saver: ResumeSaver = field(default_factory=ResumeSaver)   # takes each completed epoch's state
+    resumed: dict | None = None        # the saved state this run continues from, until its phase has used it
+    finished: dict = field(default_factory=dict)   # results of finished steps: "bovw", "indexed", "zero_shot"
 
     def relevant(self, positions: np.ndarray) -> list[set[str]]:
         """Relevant IDB IDs of the images at `positions` (same class; COCO: a shared category)."""
@@ -530,8 +708,11 @@ def index(cell: Cell, model: ViTDSI) -> dict:
     trainer = Trainer(model, optimizer, scheduler, cell.device, cell.bf16,
                       augment_gen=torch.Generator().manual_seed(a.seed + 2))
     cell.curves["index_loss"], cell.curves["index_acc"] = [], []
-    t_start, train_ia = time.perf_counter(), 0.0
-    for epoch in range(1, recipe.index_epochs + 1):
+    progress = resume_phase(cell, "index", trainer, {"epoch": 0, "train_ia": 0.0, "seconds": 0.0})
+    epoch, train_ia = progress["epoch"], progress["train_ia"]
+    t_start = time.perf_counter() - progress["seconds"]     # a resumed run counts its earlier sessions too
+    while epoch < recipe.index_epochs and train_ia < a.index_target_acc:
+        epoch += 1
         t0 = time.perf_counter()
         order = torch.cat([torch.arange(n_idb), n_idb + spread(n_views, n_idb, cell.gen)])
         order = order[torch.randperm(len(order), generator=cell.gen)]
@@ -548,8 +729,8 @@ def index(cell: Cell, model: ViTDSI) -> dict:
             f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch  "
             f"ETA <= {fmt_seconds(elapsed / epoch * (recipe.index_epochs - epoch))}"
             + (f"  IA@1 {train_ia:.3f}" if acc >= a.index_target_acc else ""))
-        if train_ia >= a.index_target_acc:
-            break
+        save_resume_state(cell, "index", trainer, {"epoch": epoch, "train_ia": train_ia,
+                                                   "seconds": time.perf_counter() - t_start})
     seconds = time.perf_counter() - t_start
     set_dropout(model, model.config.dropout)
     log(f"indexing: {epoch} epochs in {fmt_seconds(seconds)} ({n_idb * epoch / seconds:.1f} images/s), "
@@ -628,8 +809,10 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
         cell.curves[key] = []
     stopper = EarlyStopping(recipe.patience, recipe.min_epochs)
-    t_start = time.perf_counter()
-    for epoch in range(1, recipe.retrieval_epochs + 1):
+    progress = resume_phase(cell, "retrieval", trainer, {"epoch": 0, "seconds": 0.0}, rng, stopper)
+    epoch, t_start = progress["epoch"], time.perf_counter() - progress["seconds"]
+    while epoch < recipe.retrieval_epochs and not stopper.stopped(epoch):
+        epoch += 1
         t0 = time.perf_counter()
         order = torch.cat([torch.arange(n_q), n_q + spread(n_mix, n_idb, cell.gen)])
         order = order[torch.randperm(len(order), generator=cell.gen)]
@@ -639,15 +822,16 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
                            ("ret_val_acc", v["acc"]), ("ret_val_map", v.get("map"))):
             if value is not None:
                 cell.curves[key].append(value)
-        stop = stopper.step(epoch, v["map"] if recipe.early_stop == "map" else -v["loss"], model, optimizer)
+        stopper.step(epoch, v["map"] if recipe.early_stop == "map" else -v["loss"], model, optimizer)
         eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
         log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
             f"val loss {v['loss']:.4f}  val acc {v['acc']:.3f}  "
             + (f"val MAP@10 {v['map']:.3f}  " if "map" in v else "")
             + f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch  ETA <= {fmt_seconds(eta)}")
-        if stop:
-            log(f"retrieval: validation {recipe.early_stop} has not improved for {recipe.patience} epochs; stopping")
-            break
+        save_resume_state(cell, "retrieval", trainer, {"epoch": epoch, "seconds": time.perf_counter() - t_start},
+                          rng, stopper)
+    if stopper.stopped(epoch):
+        log(f"retrieval: validation {recipe.early_stop} has not improved for {recipe.patience} epochs; stopping")
     stopper.restore(model, optimizer)
     log(f"retrieval: ran {epoch} epochs, kept epoch {stopper.best_epoch} (best validation {recipe.early_stop})")
     return {"seconds": time.perf_counter() - t_start, "epochs": epoch, "best_epoch": stopper.best_epoch,
@@ -700,8 +884,10 @@ def run_bovw(cell: Cell) -> dict:
 
 
 def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int, ids_scheme: str,
-                   out: str, log: Log, with_bovw: bool = True) -> list[dict]:
-    """One (db_size, ids) cell of Table 1, as the paper's steps. Returns its rows."""
+                   out: str, log: Log, with_bovw: bool = True, saver: ResumeSaver | None = None,
+                   resumed: dict | None = None) -> list[dict]:
+    """One (db_size, ids) cell of Table 1, as the paper's steps. Returns its rows. `resumed` is the saved
+    state of an interrupted run of this cell: the steps it had finished are taken from it, not run again."""
     set_seed(a.seed)
     recipe = recipe_from_args(a)
     split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
@@ -711,8 +897,11 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     device = pick_device(a.device)
     cell = Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
                 data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
-                torch.Generator().manual_seed(a.seed), log)
-    rows = [run_bovw(cell)] if "bovw" in a.models and with_bovw else []
+                torch.Generator().manual_seed(a.seed), log, saver=saver or ResumeSaver(), resumed=resumed,
+                finished=dict(resumed["finished"]) if resumed else {})
+    if "bovw" in a.models and with_bovw and "bovw" not in cell.finished:
+        cell.finished["bovw"] = run_bovw(cell)
+    rows = [cell.finished["bovw"]] if "bovw" in cell.finished else []
     if "dsi" not in a.models:
         return rows
 
@@ -721,16 +910,21 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if cell.bf16 else 'fp32'}), "
         f"device {cell.device.type}")
-    indexed = index(cell, model)
-    info = {"index_epochs": indexed["epochs"], "index_seconds_per_epoch": round(indexed["seconds"] / indexed["epochs"], 3),
-            "index_images_per_s": round(len(idb_ids) * indexed["epochs"] / indexed["seconds"], 1),
-            "retrieval_epochs": 0, "retrieval_epoch_kept": 0}
-    rows.append(evaluate(cell, model, "zero-shot", indexed["seconds"], info))
-    optimizer, epoch = indexed["optimizer"], indexed["epochs"]
+    optimizer = None   # a run resumed inside the retrieval phase gets it from finetune
+    if "zero_shot" not in cell.finished:   # else the run resumes inside the retrieval phase: both are saved
+        indexed = index(cell, model)
+        optimizer = indexed.pop("optimizer")
+        cell.finished["indexed"] = indexed
+        cell.finished["zero_shot"] = evaluate(cell, model, "zero-shot", indexed["seconds"],
+                                              index_info(indexed, len(idb_ids)))
+    indexed = cell.finished["indexed"]
+    rows.append(cell.finished["zero_shot"])
+    epoch = indexed["epochs"]
     if not a.no_finetune:
         tuned = finetune(cell, model)
         if tuned:
-            info.update(retrieval_epochs=tuned["epochs"], retrieval_epoch_kept=tuned["best_epoch"])
+            info = dict(index_info(indexed, len(idb_ids)), retrieval_epochs=tuned["epochs"],
+                        retrieval_epoch_kept=tuned["best_epoch"])
             rows.append(evaluate(cell, model, "fine-tuned", indexed["seconds"] + tuned["seconds"], info))
             optimizer, epoch = tuned["optimizer"], tuned["best_epoch"]
 
@@ -738,6 +932,14 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
                     [imageset.refs[i] for i in split.idb], ids_scheme, db_size)
     draw_curves(cell.curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")
     return rows
+
+
+def index_info(indexed: dict, n_idb: int) -> dict:
+    """The indexing phase's numbers that every DSI row carries (the zero-shot row: no retrieval epochs)."""
+    return {"index_epochs": indexed["epochs"],
+            "index_seconds_per_epoch": round(indexed["seconds"] / indexed["epochs"], 3),
+            "index_images_per_s": round(n_idb * indexed["epochs"] / indexed["seconds"], 1),
+            "retrieval_epochs": 0, "retrieval_epoch_kept": 0}
 
 
 def make_ids(a: argparse.Namespace, imageset: data.ImageSet, split: data.Split, scheme: str, log: Log) -> list[str]:
@@ -987,7 +1189,21 @@ def default_out(a: argparse.Namespace) -> str:
     return os.path.join("runs", f"{a.dataset}-{a.db_size}-{a.ids}-s{a.seed}")
 
 
-def run(a: argparse.Namespace) -> int:
+def arm_saver(saver: ResumeSaver, path: str, every: int, state: dict | None, log: Log) -> None:
+    """Point `saver` at `path`. A resumed run starts from the saved state (Ctrl-C before its next epoch
+    ends writes it back as it was); a fresh run says that it will replace a state left in its folder."""
+    saver.path, saver.every, saver.state = path, every, state
+    if state is not None:
+        log(f"resuming from {path}: {state['phase']} epoch {state['progress']['epoch']} had ended")
+    elif os.path.exists(path):
+        log(f"note: {path} holds the state of an interrupted run; this run starts afresh and replaces it "
+            f"(python train.py --resume {os.path.dirname(path)} continues that run instead)")
+
+
+def run(a: argparse.Namespace, saver: ResumeSaver | None = None) -> int:
+    state = None
+    if a.resume:
+        a, state = resume_args(a)
     check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -1000,6 +1216,11 @@ def run(a: argparse.Namespace) -> int:
     recipe = recipe_from_args(a)
     log(f"vit-dsi: {' '.join(sys.argv[1:]) or '(defaults)'} -> {out}")
     log(f"recipe '{a.recipe}': " + ", ".join(f"{k} {v}" for k, v in asdict(recipe).items()))
+    saver = saver or ResumeSaver()
+    if a.sweep:   # its finished cells are not kept apart from the unfinished one: no resume state
+        saver.why_not = "a --sweep cannot be resumed"
+    else:
+        arm_saver(saver, os.path.join(out, RESUME_FILE), a.save_every, state, log)
     t_run = time.perf_counter()
     cells = [(n, s) for n in a.sweep_sizes for s in a.sweep_ids] if a.sweep else [(a.db_size, a.ids)]
     imageset = load_images(a, max(n for n, _ in cells), log)
@@ -1009,11 +1230,15 @@ def run(a: argparse.Namespace) -> int:
         os.makedirs(cell_out, exist_ok=True)
         log(f"== db-size {n}, ids {scheme} ==")
         # BoVW does not depend on the ID scheme: one row per db-size.
-        rows += run_experiment(a, imageset, n, scheme, cell_out, log, with_bovw=(scheme == a.sweep_ids[0] or not a.sweep))
+        rows += run_experiment(a, imageset, n, scheme, cell_out, log,
+                               with_bovw=(scheme == a.sweep_ids[0] or not a.sweep), saver=saver, resumed=state)
     header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
               f"seed {a.seed}, recipe {a.recipe}")
     table = write_results(out, rows, header, {"args": vars(a), "recipe": {"name": a.recipe, **asdict(recipe)},
                                               "wall_seconds": round(time.perf_counter() - t_run, 1)})
+    if saver.path:   # the run is whole: checkpoint.pt is its model, and a resume has nothing left to do
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(saver.path)
     log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {out}")
     if a.quiet:
         print(table)
@@ -1024,13 +1249,14 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    saver = ResumeSaver()   # run() points it at OUT/resume.pt; on Ctrl-C it saves the last completed epoch
     try:
-        return run(a)
+        return run(a, saver)
     except (UsageError, data.DataError, bovw.BoVWError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(saver.interrupted(), file=sys.stderr)
         return 130
 
 
