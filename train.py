@@ -73,7 +73,7 @@ class Recipe:
     retrieval_epochs: int    # retrieval epoch cap (paper: 75)
     retrieval_lr: float      # peak learning rate of the retrieval phase
     early_stop: str          # validation score: "loss" (paper, teacher-forced) or "map" (MAP@10 by beam search)
-    patience: int            # retrieval epochs without a better validation score before stopping
+    patience: int            # retrieval epochs without a better validation score before stopping; 0 = never stop early
     min_epochs: int          # retrieval epochs always run before patience may stop the phase
     index_mix: float         # retrieval phase: IDB (image -> own ID) pairs per query pair (Tay et al. §4.4)
     augment: bool            # retrieval phase: random crops/flips/jitter of the query images
@@ -88,7 +88,7 @@ RECIPES = {
                     min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, precision="auto", index_epochs=150, index_dropout=0.0,
-                   index_views=0.0, retrieval_epochs=25, retrieval_lr=5e-4, early_stop="map", patience=3,
+                   index_views=0.0, retrieval_epochs=30, retrieval_lr=2e-3, early_stop="map", patience=0,
                    min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8),
 }
 
@@ -101,7 +101,7 @@ RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's v
     "retrieval_epochs": "retrieval epoch cap",
     "retrieval_lr": "peak learning rate of the retrieval phase",
     "early_stop": "retrieval phase: keep the epoch with the best validation loss or MAP@10 (beam search)",
-    "patience": "retrieval phase: epochs without a better validation score before stopping",
+    "patience": "retrieval phase: epochs without a better validation score before stopping; 0 = run the whole schedule",
     "min_epochs": "retrieval phase: epochs always run before patience may stop it",
     "index_mix": "retrieval phase: IDB pairs (image -> own ID) mixed in per query pair, against forgetting",
     "augment": "retrieval phase: augmented views of the query images",
@@ -282,11 +282,11 @@ def check_args(a: argparse.Namespace) -> None:
         v = getattr(a, name)
         if v is not None and not 0.0 <= v < 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
-    for name in ("index_views", "index_mix", "min_epochs"):
+    for name in ("index_views", "index_mix", "min_epochs", "patience"):
         v = getattr(a, name)
         if v is not None and v < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
-    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_lr", "patience",
+    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_lr",
                  "retrieval_targets", "beam"):
         v = getattr(a, name)
         if v is not None and v <= 0:
@@ -454,7 +454,9 @@ def rank_dsi(model: ViTDSI, images: torch.Tensor, trie: IDTrie, k: int, beam: in
 class EarlyStopping:
     """Keeps the weights (and optimiser state) of the epoch with the best validation score, and says
     when to stop: after `patience` epochs without a better score, but never before `min_epochs` have
-    run, so that a phase whose learning rate is still warming up is not cut short."""
+    run, so that a phase whose learning rate is still warming up is not cut short. With patience 0 it
+    never stops early: the whole lr schedule runs and only the epoch kept is chosen by validation, a
+    rule that stays sound when the validation set is small and its score noisy."""
 
     def __init__(self, patience: int, min_epochs: int = 0):
         self.patience, self.min_epochs = patience, min_epochs
@@ -473,7 +475,7 @@ class EarlyStopping:
 
     def stopped(self, epoch: int) -> bool:
         """Whether the phase ends after `epoch`; also asked by a resumed run before it trains on."""
-        return epoch >= self.min_epochs and self.bad >= self.patience
+        return self.patience > 0 and epoch >= self.min_epochs and self.bad >= self.patience
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Put the best epoch's weights and optimiser state back."""
@@ -803,8 +805,9 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     trainer = Trainer(model, optimizer, scheduler, cell.device, cell.bf16, recipe.label_smoothing,
                       augment_gen=torch.Generator().manual_seed(a.seed + 1))
     log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, lr {recipe.retrieval_lr:g}, "
-        f"up to {recipe.retrieval_epochs} epochs (at least {recipe.min_epochs}, then patience {recipe.patience}, "
-        f"on validation {recipe.early_stop}), augment {'on' if recipe.augment else 'off'}, "
+        + (f"up to {recipe.retrieval_epochs} epochs (at least {recipe.min_epochs}, then patience {recipe.patience}"
+           if recipe.patience else f"{recipe.retrieval_epochs} epochs (the whole schedule")
+        + f", keeping the best validation {recipe.early_stop}), augment {'on' if recipe.augment else 'off'}, "
         f"label smoothing {recipe.label_smoothing}")
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
         cell.curves[key] = []

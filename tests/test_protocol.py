@@ -199,6 +199,13 @@ def test_early_stopping_waits_min_epochs():
     assert stopped == 6 and stopper.best_epoch == 1
 
 
+def test_patience_0_runs_every_epoch_and_keeps_the_best():
+    scores = [0.2, 0.9, 0.1, 0.1, 0.1, 0.1, 0.3]   # the fast recipe's rule: the whole schedule, best kept
+    stopper, stopped, saved, model, _ = toy_training(scores, patience=0)
+    assert stopped == len(scores) and stopper.best_epoch == 2
+    assert same_weights(model.state_dict(), saved[2][0])
+
+
 @pytest.mark.parametrize("early_stop, scripted, best", [
     ("loss", [{"loss": 3.0, "map": 0.9}, {"loss": 1.0, "map": 0.1}, {"loss": 2.0, "map": 0.2},
               {"loss": 4.0, "map": 0.3}, {"loss": 0.5, "map": 0.4}], 2),
