@@ -8,6 +8,12 @@ every train.py run. Run nothing else on the machine meanwhile: the wall times ar
     python benchmark.py --seeds 0 1 2                                    # the main command, 3 seeds
     python benchmark.py --seeds 0 1 2 --no-synthetic --data-root ../shared/data/imagenette-4k
     python benchmark.py --recipes paper --threads 1                      # extra flags go to train.py
+    python benchmark.py --latency                                        # query cost vs database size
+
+`--latency` measures the paper's claim that a DSI's retrieval cost does not grow with the database: ms per
+query and memory of the DSI's beam search (top 10 and top 100), exact cosine kNN over embeddings from the
+same ViT encoder (a dual encoder's search), and BoVW's cosine ranking, for IDB sizes 128 to 8192. Timing
+needs no training: the models are untrained and the database vectors random (same shapes, same cost).
 """
 
 import argparse
@@ -15,6 +21,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
 COLUMNS = ["data", "recipe", "seed", "wall s", "index epochs", "retrieval epochs run / kept",
            "zero-shot IA@1", "zero-shot P@10", "zero-shot MAP@10", "fine-tuned IA@1", "fine-tuned P@10",
@@ -108,6 +119,94 @@ def fmt(value, column: str = "") -> str:
     return str(value)
 
 
+# ------------------------------------------------------------------------------- query cost vs database size
+
+def timed(fn, repeats: int = 3) -> float:
+    """Best wall time of `repeats` calls, seconds (the best is the least disturbed by the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def latency_row(n: int, queries: np.ndarray, seed: int) -> dict:
+    """ms per query and memory (MB) of each search over an IDB of n images; `queries` (B, S, S, 3) uint8."""
+    import bovw
+    import data
+    from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ids = data.assign_ids(np.zeros(n, dtype=np.int64), "random", seed=seed)    # n distinct fixed-width IDs
+    trie = IDTrie(ids)
+    model = ViTDSI(ViTDSIConfig(max_len=len(ids[0]) + 2)).eval()               # BOS, digits, EOS
+    x = data.normalize(data.images_to_tensor(queries))
+    B = len(queries)
+    row = {"IDB images": n}
+    with torch.no_grad():
+        for k in (10, 100):
+            row[f"DSI top-{k} ms"] = 1000 * timed(lambda: model.generate(x, trie, k=k)) / B
+        database = torch.nn.functional.normalize(torch.randn(n, model.config.dim), dim=1)   # (n, D)
+
+        def dense_search():
+            query = torch.nn.functional.normalize(model.encode(x).mean(dim=1), dim=1)    # (B, N, D) -> (B, D)
+            return torch.topk(query @ database.T, min(100, n), dim=1)                   # (B, D) @ (D, n)
+        row["DE kNN top-100 ms"] = 1000 * timed(dense_search) / B
+    index = bovw.BoVWIndex(k=200, seed=seed).fit(queries)                      # a vocabulary to embed with
+    index.database = bovw.l2_normalize(rng.random((n, index.n_words)).astype(np.float32))
+    row["BoVW top-100 ms"] = 1000 * timed(lambda: index.query(queries, top_k=100), repeats=1) / B
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    row["DSI MB"] = params / 2**20                                              # the index is the weights
+    row["DE MB"] = (params + database.numel() * database.element_size()) / 2**20
+    row["BoVW MB"] = (index.database.nbytes + index.centroids.nbytes) / 2**20
+    return row
+
+
+def draw_latency(rows: list[dict], path: str) -> None:
+    """ms per query against IDB size (log scale), one line per search, with Pillow."""
+    series = [c for c in rows[0] if c.endswith(" ms")]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    w, h, pad = 640, 400, 60
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    hi = max(r[c] for r in rows for c in series) * 1.1
+    sizes = [r["IDB images"] for r in rows]
+    lo_x, hi_x = np.log2(sizes[0]), np.log2(sizes[-1])
+    to_xy = lambda n, v: (pad + (w - 2 * pad) * (np.log2(n) - lo_x) / max(1e-9, hi_x - lo_x),  # noqa: E731
+                          h - pad - (h - 2 * pad) * v / hi)
+    draw.rectangle((pad, pad, w - pad, h - pad), outline="black")
+    draw.text((pad, 20), "ms per query vs IDB images (untrained models, one CPU run)", fill="black")
+    draw.text((8, pad), f"{hi:.0f}", fill="black")
+    draw.text((8, h - pad - 10), "0", fill="black")
+    for n in sizes:
+        draw.text((to_xy(n, 0)[0] - 12, h - pad + 6), str(n), fill="black")
+    for k, (name, colour) in enumerate(zip(series, colours)):
+        draw.line([to_xy(r["IDB images"], r[name]) for r in rows], fill=colour, width=2)
+        draw.text((w - pad - 170, pad + 8 + 14 * k), name, fill=colour)
+    img.save(path)
+
+
+def latency_main(a: argparse.Namespace) -> int:
+    import data
+    queries = data.make_synthetic(a.queries, seed=a.seeds[0] + 1).images                # (B, 160, 160, 3)
+    rows = []
+    for n in a.sizes:
+        rows.append(latency_row(n, queries, a.seeds[0]))
+        print(f"IDB {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items() if k != "IDB images"), flush=True)
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) if c == "IDB images" else f"{r[c]:.1f}" for c in columns) + " |" for r in rows]
+    text = "\n".join(lines) + f"\n\nms per query: the best of 3 batches of {a.queries} queries (BoVW: one), threads " \
+                               f"{torch.get_num_threads()}; MB: what the search holds in memory.\n"
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "latency.md"), "w") as f:
+        f.write(text)
+    draw_latency(rows, os.path.join(a.out, "latency.png"))
+    print(text)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -119,7 +218,12 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     p.add_argument("--out", default=os.path.join("runs", "benchmark"), help="folder for the runs and the table")
     p.add_argument("--report-only", action="store_true", help="train nothing: rebuild the tables from the runs in --out")
+    p.add_argument("--latency", action="store_true", help="time each search against IDB size instead (no training)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 8192], help="IDB sizes of --latency")
+    p.add_argument("--queries", type=int, default=64, help="query images per timed batch of --latency")
     a, extra = p.parse_known_args()
+    if a.latency:
+        return latency_main(a)
     roots = ([] if a.no_synthetic else [None]) + ([a.data_root] if a.data_root else [])
     if not roots:
         p.error("--no-synthetic needs --data-root: nothing to run")
