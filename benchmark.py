@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw
 
 COLUMNS = ["data", "recipe", "seed", "wall s", "index epochs", "retrieval epochs run / kept",
            "zero-shot IA@1", "zero-shot P@10", "zero-shot MAP@10", "fine-tuned IA@1", "fine-tuned P@10",
-           "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10"]
+           "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE P@10", "DE MAP@10"]
 MEANS = ["wall s", "index epochs", "zero-shot IA@1", "zero-shot P@10", "zero-shot MAP@10", "fine-tuned IA@1",
-         "fine-tuned P@10", "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10"]
+         "fine-tuned P@10", "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE P@10", "DE MAP@10"]
 
 
 def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace, extra: list[str]) -> dict:
@@ -56,6 +56,7 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
     rows, wall = results["rows"], results["wall_seconds"]
     pick = lambda model, variant: next((r for r in rows if (r["model"], r["variant"]) == (model, variant)), {})  # noqa: E731
     zs, ft, bw = pick("ViT DSI", "zero-shot"), pick("ViT DSI", "fine-tuned"), pick("BoVW", "-")
+    de = pick("ViT dual encoder", "-")
     ratio = ft["P@10"] / zs["P@10"] if ft.get("P@10") is not None and zs.get("P@10") else None
     return {"data": name, "recipe": recipe, "seed": seed, "out": out, "wall s": round(wall, 1),
             "index epochs": zs.get("index_epochs"),
@@ -63,7 +64,8 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
             "zero-shot IA@1": zs.get("IA@1"), "zero-shot P@10": zs.get("P@10"), "zero-shot MAP@10": zs.get("MAP@10"),
             "fine-tuned IA@1": ft.get("IA@1"), "fine-tuned P@10": ft.get("P@10"),
             "fine-tuned MAP@10": ft.get("MAP@10"), "fine-tuned / zero-shot P@10": ratio,
-            "BoVW P@10": bw.get("P@10"), "BoVW MAP@10": bw.get("MAP@10")}
+            "BoVW P@10": bw.get("P@10"), "BoVW MAP@10": bw.get("MAP@10"),
+            "DE P@10": de.get("P@10"), "DE MAP@10": de.get("MAP@10")}
 
 
 # Stopping rules replayed on a run's validation MAP@10 curve: stopping never changes the epochs before
@@ -232,7 +234,7 @@ def main() -> int:
     for root in roots:
         for recipe in a.recipes:
             rows = [run_one(recipe, root, seed, a, extra) for seed in a.seeds]
-            runs += [(r["data"], r["seed"], r["out"]) for r in rows if r["recipe"] == "fast"]
+            runs += [(r["data"], r["seed"], r["out"]) for r in rows if r["recipe"] == "fast" and r["fine-tuned P@10"] is not None]
             if len(rows) > 1:
                 rows.append(mean_row(rows))
             lines += ["| " + " | ".join(fmt(r[c], c) for c in COLUMNS) + " |" for r in rows]

@@ -42,6 +42,7 @@ import bovw
 import data
 import metrics
 from vitdsi import IDTrie, ViTDSI, ViTDSIConfig, set_dropout
+from de import DualEncoder, info_nce, rank_cosine
 
 RANK_DEPTH = 100  # longest ranked list we score: Recall@100 (paper §3.1)
 IA_DEPTH = 5      # IA@1 and IA@5 (paper §3.2)
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index-target-acc", type=float, default=0.98, help="stop indexing at this training IA@1")
     g.add_argument("--no-finetune", action="store_true", help="skip the retrieval phase (zero-shot row only)")
     g = p.add_argument_group("run")
-    g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "bovw"], help="models to train and score")
+    g.add_argument("--models", nargs="+", default=["dsi", "bovw"], choices=["dsi", "de", "bovw"],
+                   help="models to train and score; de = the dual-encoder baseline built from the DSI's encoder")
     g.add_argument("--bovw-k", type=int, default=200, help="BoVW vocabulary size K (paper: 200)")
     g.add_argument("--beam", type=int, help="beam width of the decoder (default: the list length asked for)")
     g.add_argument("--seed", type=int, default=0, help="seed of data draw, IDs, initialisation and batches")
@@ -886,6 +888,102 @@ def run_bovw(cell: Cell) -> dict:
     return row
 
 
+def dual_encoder_anchors(cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the DSI's retrieval phase trains on, as DE anchors: the training queries with a relevant IDB
+    image, then every IDB image (shown as an augmented view, its own image the positive, as the DSI's
+    rehearsal pairs). Returns the anchors' images (m, 3, S, S) uint8 and positive (m, n_idb) bool."""
+    split = cell.split
+    rel_train = cell.relevant(split.train)
+    keep = [i for i, r in enumerate(rel_train) if r]
+    position = {id_str: j for j, id_str in enumerate(cell.idb_ids)}
+    n_idb = len(split.idb)
+    positive = torch.zeros(len(keep) + n_idb, n_idb, dtype=torch.bool)
+    for row, i in enumerate(keep):
+        positive[row, [position[r] for r in rel_train[i]]] = True
+    positive[len(keep):] = torch.eye(n_idb, dtype=torch.bool)
+    images = cell.images[torch.as_tensor(np.concatenate([split.train[keep], split.idb]).astype(np.int64))]
+    return images, positive
+
+
+@torch.no_grad()
+def embed(model: DualEncoder, images: torch.Tensor, cell: Cell, batch_size: int = 64) -> torch.Tensor:
+    """Unit embeddings (n, D) of uint8 images (n, 3, S, S), dropout off."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with torch.autocast(cell.device.type, dtype=torch.bfloat16, enabled=cell.bf16):
+            out.append(model(data.normalize(images[start:start + batch_size].to(cell.device))).float())
+    return torch.cat(out)
+
+
+def train_dual_encoder(cell: Cell, model: DualEncoder) -> dict:
+    """The DE baseline (the model a practitioner would pick), trained with the DSI's retrieval recipe
+    on the same images: per step, a batch of augmented anchors against the clean IDB images that are one
+    sampled positive of each anchor plus as many random others (multi-positive InfoNCE); the epoch with
+    the best validation MAP@10 is kept, by the DSI's own rule. Returns seconds, epochs run, epoch kept."""
+    recipe, a, split, log = cell.recipe, cell.a, cell.split, cell.log
+    anchors, positive = dual_encoder_anchors(cell)
+    idb = cell.images[torch.as_tensor(split.idb)]
+    rel_val = cell.relevant(split.val)
+    keep_va = [i for i, r in enumerate(rel_val) if r]
+    val_images = cell.images[torch.as_tensor(split.val[keep_va])]
+    position = {j: id_str for j, id_str in enumerate(cell.idb_ids)}
+    optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
+    steps = math.ceil(len(anchors) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
+    gen, stopper = torch.Generator().manual_seed(a.seed + 4), EarlyStopping(recipe.patience, recipe.min_epochs)
+    t_start = time.perf_counter()
+    log(f"dual encoder: {len(anchors)} anchors per epoch, lr {recipe.retrieval_lr:g}, {recipe.retrieval_epochs} epochs")
+    for epoch in range(1, recipe.retrieval_epochs + 1):
+        model.train()
+        order, total = torch.randperm(len(anchors), generator=gen), 0.0
+        for start in range(0, len(order), recipe.batch_size):
+            idx = order[start:start + recipe.batch_size]
+            picked = torch.multinomial(positive[idx].float(), 1, generator=gen).flatten()          # (B,)
+            cand = torch.unique(torch.cat([picked, torch.randperm(len(idb), generator=gen)[:len(idx)]]))
+            x = data.augment(data.normalize(anchors[idx].to(cell.device)), gen)
+            with torch.autocast(cell.device.type, dtype=torch.bfloat16, enabled=cell.bf16):
+                q, e = model(x), model(data.normalize(idb[cand].to(cell.device)))
+            loss = info_nce(q.float(), e.float(), positive[idx][:, cand].to(cell.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        top, _ = rank_cosine(embed(model, val_images, cell), embed(model, idb, cell), 10)
+        val_map = metrics.mean_average_precision_at_k([[position[j] for j in r.tolist()] for r in top],
+                                                      [rel_val[i] for i in keep_va], 10)
+        stop = stopper.step(epoch, val_map, model, optimizer)
+        log(f"dual encoder epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {total / len(anchors):.4f}  "
+            f"val MAP@10 {val_map:.3f}  lr {scheduler.get_last_lr()[0]:.2e}")
+        if stop:
+            break
+    stopper.restore(model, optimizer)
+    log(f"dual encoder: ran {epoch} epochs, kept epoch {stopper.best_epoch} (best validation MAP@10)")
+    return {"seconds": time.perf_counter() - t_start, "epochs": epoch, "best_epoch": stopper.best_epoch}
+
+
+def run_dual_encoder(cell: Cell) -> dict:
+    """Train the DE and score it like every other model: IA@k (an IDB image finds itself), retrieval
+    metrics of the test queries by exact cosine ranking of the IDB embeddings."""
+    torch.manual_seed(cell.a.seed + 3)   # its own initialisation
+    model = DualEncoder(model_config(cell.a, max_len=2)).to(cell.device)
+    trained = train_dual_encoder(cell, model)
+    t0 = time.perf_counter()
+    database = embed(model, cell.images[torch.as_tensor(cell.split.idb)], cell)
+    test = cell.images[torch.as_tensor(cell.split.test)]
+    q_top, _ = rank_cosine(embed(model, test, cell), database, RANK_DEPTH)
+    q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(test))
+    db_top, _ = rank_cosine(database, database, IA_DEPTH)
+    as_ids = lambda top: [[cell.idb_ids[j] for j in r.tolist()] for r in top]  # noqa: E731
+    row = score_row(cell, "ViT dual encoder", "-", as_ids(db_top), as_ids(q_top))
+    row.update(train_seconds=round(trained["seconds"], 2), query_ms=round(q_ms, 2),
+               retrieval_epochs=trained["epochs"], retrieval_epoch_kept=trained["best_epoch"])
+    cell.log(f"ViT dual encoder: IA@1 {row['IA@1']:.3f}  P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  "
+             f"Recall@100 {row['Recall@100']:.3f}  ({trained['seconds']:.0f} s training)")
+    return row
+
+
 def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int, ids_scheme: str,
                    out: str, log: Log, with_bovw: bool = True, saver: ResumeSaver | None = None,
                    resumed: dict | None = None) -> list[dict]:
@@ -905,9 +1003,18 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     if "bovw" in a.models and with_bovw and "bovw" not in cell.finished:
         cell.finished["bovw"] = run_bovw(cell)
     rows = [cell.finished["bovw"]] if "bovw" in cell.finished else []
-    if "dsi" not in a.models:
-        return rows
+    if "dsi" in a.models:
+        rows += run_dsi(cell, out)
+    if "de" in a.models:   # after the DSI, so that the DSI's numbers do not depend on whether the DE runs
+        rows.append(run_dual_encoder(cell))
+    return rows
 
+
+def run_dsi(cell: Cell, out: str) -> list[dict]:
+    """The DSI's steps: index, evaluate (zero-shot), finetune, evaluate (fine-tuned); then its checkpoint
+    and curves. Returns its rows."""
+    a, log, idb_ids, split, imageset = cell.a, cell.log, cell.idb_ids, cell.split, cell.imageset
+    db_size, ids_scheme, rows = cell.db_size, cell.ids, []
     config = model_config(a, max_len=max(map(len, idb_ids)) + 2)             # BOS, digits, EOS
     model = ViTDSI(config).to(cell.device)
     log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
