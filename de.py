@@ -36,11 +36,9 @@ class DualEncoder(nn.Module):
         self.project = nn.Linear(config.dim, config.dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.encoder_pos(self.patch_embedding(images)))    # (B, N, D)
-        for block in self.encoder:
-            x = block(x)
-        pooled = self.encoder_norm(x).mean(dim=1)                       # (B, N, D) -> (B, D)
-        return F.normalize(self.project(pooled), dim=-1)                # (B, D) unit vectors
+        # ViTDSI.encode reads only the parts borrowed above, so it runs here as it runs in the DSI.
+        memory = ViTDSI.encode(self, images)                            # (B, C, S, S) -> (B, N, D)
+        return F.normalize(self.project(memory.mean(dim=1)), dim=-1)    # (B, N, D) -> (B, D) unit vectors
 
 
 def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,

@@ -620,18 +620,8 @@ def load_resume_state(out: str) -> dict:
             "the run there finished (a finished run deletes its resume state); its results are in results.json"
             if finished else "pass the --out folder of an interrupted run"))
     again = "start the run again without --resume"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a file torch cannot read safely, whatever it is: one line, exit 2
-        raise UsageError(f"'{path}' is not a vit-dsi resume state (the safe loader refused it: "
-                         f"{torch_load_error(e)}); {again}") from None
-    if not isinstance(state, dict) or "format_version" not in state:
-        raise UsageError(f"'{path}' has no format_version: not a vit-dsi resume state; {again}")
-    if state["format_version"] != RESUME_VERSION:
-        raise UsageError(f"'{path}' is a resume state of version {state['format_version']}, this train.py reads "
-                         f"version {RESUME_VERSION}; finish the run with the train.py that began it, or {again}")
+    state = load_versioned(path, "resume state", RESUME_VERSION, again,
+                           version_fix=f"finish the run with the train.py that began it, or {again}")
     expected = {"args", "phase", "progress", "model", "optimizer", "scheduler", "rng", "early_stopping",
                 "curves", "finished"}
     missing = sorted(expected - set(state))
@@ -742,21 +732,35 @@ def index(cell: Cell, model: ViTDSI) -> dict:
     return {"epochs": epoch, "seconds": seconds, "train_ia": train_ia, "optimizer": optimizer}
 
 
+def training_pairs(cell: Cell) -> tuple[torch.Tensor, list[list[int]], int]:
+    """What the retrieval phase trains on (the DSI's, and the dual encoder's): the training queries that
+    have a relevant IDB image, then every IDB image. Returns their images (m, 3, S, S) uint8, each
+    entry's relevant IDB positions (sorted; an IDB image's is its own) and the number of queries."""
+    split = cell.split
+    rel_train = cell.relevant(split.train)
+    keep = [i for i, r in enumerate(rel_train) if r]
+    images = cell.images[torch.as_tensor(np.concatenate([split.train[keep], split.idb]).astype(np.int64))]
+    position = {id_str: j for j, id_str in enumerate(cell.idb_ids)}
+    lists = [[position[r] for r in sorted(rel_train[i])] for i in keep] + [[j] for j in range(len(split.idb))]
+    return images, lists, len(keep)
+
+
+def idb_id_lists(cell: Cell, positions) -> list[list[str]]:
+    """Ranked IDB positions (rows of a (B, k) array or tensor) -> ranked ID lists, for metrics.py."""
+    return [[cell.idb_ids[j] for j in row] for row in positions.tolist()]
+
+
 def retrieval_pool(cell: Cell, rng: np.random.Generator) -> tuple[Pool, int, int]:
     """The retrieval phase's training pool: the training queries that have a relevant IDB image, then
     every IDB image. A query's targets are G relevant IDs drawn uniformly (with replacement) anew at
     every step; an IDB image's target is its own ID, G times (index rehearsal, Tay et al. §4.4).
     Rehearsal images stay clean: the index must be recalled from the very images that were indexed.
     `rng` draws the targets. Returns the pool, the number of queries in it and the number of IDB images."""
-    recipe, split = cell.recipe, cell.split
-    rel_train = cell.relevant(split.train)
-    keep = [i for i, r in enumerate(rel_train) if r]
-    n_q, n_idb = len(keep), len(split.idb)
-    images = cell.images[torch.as_tensor(np.concatenate([split.train[keep], split.idb]).astype(np.int64))]
+    recipe = cell.recipe
+    images, lists, n_q = training_pairs(cell)
+    n_idb = len(cell.split.idb)
     # Relevant IDB positions of every pool entry, flattened: entry e may take any of
     # choices[offsets[e] : offsets[e] + counts[e]] (an IDB entry only its own position).
-    position = {id_str: j for j, id_str in enumerate(cell.idb_ids)}
-    lists = [[position[r] for r in sorted(rel_train[i])] for i in keep] + [[j] for j in range(n_idb)]
     counts = torch.tensor([len(c) for c in lists])
     offsets = torch.cumsum(counts, 0) - counts
     choices = torch.tensor([j for c in lists for j in c])
@@ -880,8 +884,7 @@ def run_bovw(cell: Cell) -> dict:
     pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
     q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
     db_pos, _ = index.query(imageset.images[split.idb], top_k=IA_DEPTH)
-    as_ids = lambda p: [[cell.idb_ids[j] for j in r] for r in p]  # noqa: E731 (IDB position -> ID)
-    row = score_row(cell, "BoVW", "-", as_ids(db_pos), as_ids(pos))
+    row = score_row(cell, "BoVW", "-", idb_id_lists(cell, db_pos), idb_id_lists(cell, pos))
     row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
     cell.log(f"BoVW: vocabulary of {index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
              f"P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}")
@@ -889,19 +892,12 @@ def run_bovw(cell: Cell) -> dict:
 
 
 def dual_encoder_anchors(cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the DSI's retrieval phase trains on, as DE anchors: the training queries with a relevant IDB
-    image, then every IDB image (shown as an augmented view, its own image the positive, as the DSI's
-    rehearsal pairs). Returns the anchors' images (m, 3, S, S) uint8 and positive (m, n_idb) bool."""
-    split = cell.split
-    rel_train = cell.relevant(split.train)
-    keep = [i for i, r in enumerate(rel_train) if r]
-    position = {id_str: j for j, id_str in enumerate(cell.idb_ids)}
-    n_idb = len(split.idb)
-    positive = torch.zeros(len(keep) + n_idb, n_idb, dtype=torch.bool)
-    for row, i in enumerate(keep):
-        positive[row, [position[r] for r in rel_train[i]]] = True
-    positive[len(keep):] = torch.eye(n_idb, dtype=torch.bool)
-    images = cell.images[torch.as_tensor(np.concatenate([split.train[keep], split.idb]).astype(np.int64))]
+    """The retrieval phase's training pairs as DE anchors (an IDB image is shown as an augmented view, its
+    own image the positive, as the DSI's rehearsal pairs): images (m, 3, S, S) uint8, positive (m, n_idb) bool."""
+    images, lists, _ = training_pairs(cell)
+    rows = torch.tensor([e for e, c in enumerate(lists) for _ in c])       # entry of each relevant position
+    positive = torch.zeros(len(lists), len(cell.split.idb), dtype=torch.bool)
+    positive[rows, torch.tensor([j for c in lists for j in c])] = True
     return images, positive
 
 
@@ -927,11 +923,11 @@ def train_dual_encoder(cell: Cell, model: DualEncoder) -> dict:
     rel_val = cell.relevant(split.val)
     keep_va = [i for i, r in enumerate(rel_val) if r]
     val_images = cell.images[torch.as_tensor(split.val[keep_va])]
-    position = {j: id_str for j, id_str in enumerate(cell.idb_ids)}
     optimizer = make_optimizer(model, recipe, recipe.retrieval_lr)
     steps = math.ceil(len(anchors) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
-    gen, stopper = torch.Generator().manual_seed(a.seed + 4), EarlyStopping(recipe.patience, recipe.min_epochs)
+    gen = torch.Generator().manual_seed(a.seed + 4)     # the DE's own batch order, positives and augmentations
+    stopper = EarlyStopping(recipe.patience, recipe.min_epochs)
     t_start = time.perf_counter()
     log(f"dual encoder: {len(anchors)} anchors per epoch, lr {recipe.retrieval_lr:g}, {recipe.retrieval_epochs} epochs")
     for epoch in range(1, recipe.retrieval_epochs + 1):
@@ -951,8 +947,7 @@ def train_dual_encoder(cell: Cell, model: DualEncoder) -> dict:
             scheduler.step()
             total += loss.item() * len(idx)
         top, _ = rank_cosine(embed(model, val_images, cell), embed(model, idb, cell), 10)
-        val_map = metrics.mean_average_precision_at_k([[position[j] for j in r.tolist()] for r in top],
-                                                      [rel_val[i] for i in keep_va], 10)
+        val_map = metrics.mean_average_precision_at_k(idb_id_lists(cell, top), [rel_val[i] for i in keep_va], 10)
         stop = stopper.step(epoch, val_map, model, optimizer)
         log(f"dual encoder epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {total / len(anchors):.4f}  "
             f"val MAP@10 {val_map:.3f}  lr {scheduler.get_last_lr()[0]:.2e}")
@@ -975,8 +970,7 @@ def run_dual_encoder(cell: Cell) -> dict:
     q_top, _ = rank_cosine(embed(model, test, cell), database, RANK_DEPTH)
     q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(test))
     db_top, _ = rank_cosine(database, database, IA_DEPTH)
-    as_ids = lambda top: [[cell.idb_ids[j] for j in r.tolist()] for r in top]  # noqa: E731
-    row = score_row(cell, "ViT dual encoder", "-", as_ids(db_top), as_ids(q_top))
+    row = score_row(cell, "ViT dual encoder", "-", idb_id_lists(cell, db_top), idb_id_lists(cell, q_top))
     row.update(train_seconds=round(trained["seconds"], 2), query_ms=round(q_ms, 2),
                retrieval_epochs=trained["epochs"], retrieval_epoch_kept=trained["best_epoch"])
     cell.log(f"ViT dual encoder: IA@1 {row['IA@1']:.3f}  P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  "
@@ -1122,6 +1116,27 @@ def torch_load_error(e: Exception) -> str:
     return lines[0].split(". Please use")[0] if lines else type(e).__name__
 
 
+def load_versioned(path: str, what: str, version: int, fix: str, unversioned: str = "",
+                   version_fix: str | None = None) -> dict:
+    """A dict that this project saved as `what` (checkpoint or resume state) of format `version`, read with
+    weights_only=True: the unpickler builds tensors and plain containers only, so a crafted file that
+    would run code is refused before any of it runs. Anything else is a UsageError ending in `fix`."""
+    try:
+        with warnings.catch_warnings():    # torch warns about foreign pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file torch cannot read safely, whatever it is: one line, exit 2
+        raise UsageError(f"'{path}' is not a vit-dsi {what} (the safe loader refused it: {torch_load_error(e)}); "
+                         f"{fix}") from None
+    if not isinstance(loaded, dict) or "format_version" not in loaded:
+        raise UsageError(f"'{path}' has no format_version: not a vit-dsi {what}{unversioned}; {fix}")
+    if loaded["format_version"] != version:
+        kind = "checkpoint of format version" if what == "checkpoint" else f"{what} of version"
+        raise UsageError(f"'{path}' is a {kind} {loaded['format_version']}, this train.py reads version "
+                         f"{version}; {version_fix or fix}")
+    return loaded
+
+
 def state_dict_mismatch(expected: dict, found: dict) -> str | None:
     """The first difference between a model's state_dict and a checkpoint's, in words; None if they fit."""
     if not isinstance(found, dict):
@@ -1144,19 +1159,8 @@ def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' not found: pass the checkpoint.pt written by a training run")
     retrain = "pass a checkpoint.pt written by this version of train.py, or retrain"
-    try:
-        with warnings.catch_warnings():    # torch warns about foreign pickles; the error below says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a file torch cannot read safely, whatever it is: one line, exit 2
-        raise UsageError(f"'{path}' is not a vit-dsi checkpoint (the safe loader refused it: {torch_load_error(e)}); "
-                         f"{retrain}") from None
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise UsageError(f"'{path}' has no format_version: not a vit-dsi checkpoint, or one older than "
-                         f"versioned checkpoints; {retrain}")
-    if ckpt["format_version"] != CHECKPOINT_VERSION:
-        raise UsageError(f"'{path}' is a checkpoint of format version {ckpt['format_version']}, this train.py "
-                         f"reads version {CHECKPOINT_VERSION}; {retrain}")
+    ckpt = load_versioned(path, "checkpoint", CHECKPOINT_VERSION, retrain,
+                          unversioned=", or one older than versioned checkpoints")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     if missing:
         raise UsageError(f"'{path}' lacks the checkpoint field '{missing[0]}'; {retrain}")

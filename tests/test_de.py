@@ -6,7 +6,7 @@ import torch
 
 import train
 from de import DualEncoder, info_nce, rank_cosine
-from vitdsi import ViTDSIConfig
+from vitdsi import ViTDSI, ViTDSIConfig
 
 TINY = ViTDSIConfig(image_size=32, patch_size=8, dim=32, mlp_dim=64, depth=1, heads=2, dropout=0.0, max_len=2)
 
@@ -38,7 +38,17 @@ def test_embeddings_are_unit_vectors_from_the_dsi_encoder():
     model = DualEncoder(TINY)
     e = model(torch.randn(3, 3, 32, 32))
     assert e.shape == (3, 32) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert sum(p.numel() for p in model.parameters()) > 0 and hasattr(model, "encoder")
+    # the same encoder as the DSI's: every encoder weight of a ViTDSI, same name and shape, plus the projection
+    dsi = {k: v.shape for k, v in ViTDSI(TINY).state_dict().items() if not k.startswith(("decoder", "token", "head"))}
+    de = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("project")}
+    assert de == dsi
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():   # pooling the DSI's own encode() of these weights gives the embedding
+        dsi_model = ViTDSI(TINY).eval()
+        dsi_model.load_state_dict(model.state_dict(), strict=False)
+        pooled = dsi_model.encode(images).mean(dim=1)
+        assert torch.allclose(model(images), torch.nn.functional.normalize(model.project(pooled), dim=1), atol=1e-6)
 
 
 def test_a_tiny_database_is_learned():
