@@ -9,11 +9,18 @@ every train.py run. Run nothing else on the machine meanwhile: the wall times ar
     python benchmark.py --seeds 0 1 2 --no-synthetic --data-root ../shared/data/imagenette-4k
     python benchmark.py --recipes paper --threads 1                      # extra flags go to train.py
     python benchmark.py --latency                                        # query cost vs database size
+    python benchmark.py --grow --data-root ../shared/data/imagenette-4k --db-size 2048 --ids clustered
 
 `--latency` measures the paper's claim that a DSI's retrieval cost does not grow with the database: ms per
 query and memory of the DSI's beam search (top 10 and top 100), exact cosine kNN over embeddings from the
 same ViT encoder (a dual encoder's search), and BoVW's cosine ranking, for IDB sizes 128 to 8192. Timing
 needs no training: the models are untrained and the database vectors random (same shapes, same cost).
+
+`--grow` measures what growing an index costs (grow.py): index 75 % of the IDB (`train.py --index-hold-out
+0.25`), then add the other 25 % in one step and, from the same start, in 5 steps; per step the new images'
+IA@1, the old ones', and P@10 / MAP@10 of the run's test queries (same class = relevant); against indexing
+the whole IDB from scratch. Zero-shot models (`--no-finetune`): growth concerns the index, not retrieval.
+The two indexing runs are train.py processes; the steps run in this process on the checkpoint they wrote.
 """
 
 import argparse
@@ -29,6 +36,9 @@ from PIL import Image, ImageDraw
 
 import bovw
 import data
+import grow
+import metrics
+import train
 from de import DualEncoder, rank_cosine
 from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
 
@@ -122,7 +132,7 @@ def fmt(value, column: str = "") -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.1f}" if column in ("wall s", "index epochs") else f"{value:.3f}"
+        return f"{value:.1f}" if column in ("wall s", "index epochs", "train s") else f"{value:.3f}"
     return str(value)
 
 
@@ -208,6 +218,100 @@ def latency_main(a: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- growing an index
+
+GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s", "new IA@1", "old IA@1",
+                "test P@10", "test MAP@10"]
+
+
+def index_run(a: argparse.Namespace, seed: int, name: str, flags: list[str], extra: list[str]) -> tuple[str, dict]:
+    """One zero-shot indexing run of train.py in its own process; its folder and its DSI row."""
+    out = os.path.join(a.out, f"grow-{'imagenet' if a.data_root else 'synthetic'}-{a.db_size}-{a.ids}-s{seed}", name)
+    cmd = [sys.executable, "train.py", "--db-size", str(a.db_size), "--ids", a.ids, "--seed", str(seed),
+           "--no-finetune", "--models", "dsi", "--out", out, "--quiet", *flags, *extra]
+    if a.data_root:
+        cmd += ["--dataset", "imagenet", "--data-root", a.data_root]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: train.py failed; see {out}/train.log")
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    row = next(r for r in results["rows"] if r["model"] == "ViT DSI")
+    return out, {"epochs": row["index_epochs"], "train s": row["train_seconds"], "wall s": results["wall_seconds"],
+                 "old IA@1": row["IA@1"], "test P@10": row["P@10"], "test MAP@10": row["MAP@10"]}
+
+
+def test_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, images: torch.Tensor,
+                device: torch.device) -> dict:
+    """P@10 and MAP@10 of the run's test queries against the IDs the grown index can write (same class)."""
+    live = train.live_ids(ckpt)
+    position = {ref: i for i, ref in enumerate(imageset.refs)}
+    ref_of = dict(zip(ckpt["ids"], ckpt["idb_refs"]))
+    relevant = data.relevant_sets([imageset.labels[i] for i in split.test],
+                                  [imageset.labels[position[ref_of[i]]] for i in live], live)
+    ranked, _ = train.rank_dsi(model, images[torch.as_tensor(split.test)], IDTrie(live), 10, None, device)
+    scores = metrics.retrieval_metrics(ranked, relevant)
+    return {"test P@10": scores["P@10"], "test MAP@10": scores["MAP@10"]}
+
+
+def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]:
+    """Add the images the base run held out, in `steps` stratified steps, to a fresh copy of its model."""
+    model, ckpt = train.load_checkpoint(os.path.join(base, "checkpoint.pt"))
+    log = train.Log(os.path.join(base, f"grow-{steps}-steps.log"), quiet=True)
+    imageset, split = grow.rebuild_run(ckpt, log)
+    position = {ref: i for i, ref in enumerate(imageset.refs)}
+    held = np.array([position[ref] for ref in ckpt["held_out"]])
+    sizes = [len(held) // steps + (k < len(held) % steps) for k in range(steps)]
+    device = train.pick_device(ckpt["args"]["device"])
+    settings = grow.settings_from_args(train.build_parser().parse_args(settings_args),
+                                       train.recipe_from_args(argparse.Namespace(**ckpt["args"])))
+    images, rows = data.images_to_tensor(imageset.images), []
+    for k, part in enumerate(data.stratified_subsets(imageset.primary[held], sizes, ckpt["seed"]), start=1):
+        chosen = held[part]
+        live = set(train.live_ids(ckpt))
+        old = images[torch.as_tensor([position[r] for i, r in zip(ckpt["ids"], ckpt["idb_refs"]) if i in live])]
+        additions = grow.Additions(imageset.images[chosen], [imageset.refs[i] for i in chosen],
+                                   [int(imageset.primary[i]) for i in chosen])
+        t0 = time.perf_counter()
+        ckpt, report = grow.add_to_index(model, ckpt, additions, old, settings, device, log)
+        rows.append({"run": f"75 % + 25 % in {steps} step{'s' if steps > 1 else ''}", "step": k,
+                     "indexed": len(train.live_ids(ckpt)), "added": report["added"], "epochs": report["epochs"],
+                     "train s": report["seconds"], "wall s": round(time.perf_counter() - t0, 1),
+                     "new IA@1": report["new_IA@1"], "old IA@1": report["old_IA@1"],
+                     **test_scores(model, ckpt, imageset, split, images, device)})
+        print(" | ".join(f"{c} {fmt(rows[-1][c], c)}" for c in GROW_COLUMNS), flush=True)
+    return rows
+
+
+def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
+    """The growth experiment for each seed: whole IDB from scratch; 75 % start; + 25 % in 1 and in 5 steps."""
+    threads = [extra[i + 1] for i, flag in enumerate(extra[:-1]) if flag == "--threads"]
+    if threads and int(threads[-1]):
+        torch.set_num_threads(int(threads[-1]))
+    rows = []
+    for seed in a.seeds:
+        _, scratch = index_run(a, seed, "scratch", [], extra)
+        base, start = index_run(a, seed, "base-75", ["--index-hold-out", "0.25"], extra)
+        n_idb = data.split_sizes(a.db_size)[0]
+        rows.append({"run": "whole IDB from scratch", "step": "-", "indexed": n_idb, "added": "-", **scratch})
+        rows.append({"run": "75 % index (the start)", "step": 0, "indexed": n_idb - int(n_idb * 0.25 + 0.5),
+                     "added": "-", **start})
+        for steps in (1, 5):
+            rows += grow_in_steps(base, steps, extra + ["--seed", str(seed)])
+    lines = ["| " + " | ".join(GROW_COLUMNS) + " |", "|" + "---|" * len(GROW_COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c), c) for c in GROW_COLUMNS) + " |" for r in rows]
+    text = "\n".join(lines) + (
+        f"\n\n{'imagenette' if a.data_root else 'synthetic'} db {a.db_size}, ids {a.ids}, seeds "
+        f"{' '.join(map(str, a.seeds))}; zero-shot models. old IA@1: images indexed before the step (scratch and "
+        f"start rows: all indexed); test P@10 / MAP@10: the run's test queries against every indexed image of "
+        f"the same class. train s: training epochs only; wall s: the whole step (scratch and start rows: the "
+        f"whole train.py run).\n" + (f"Extra flags: {' '.join(extra)}\n" if extra else ""))
+    os.makedirs(a.out, exist_ok=True)
+    train.atomic_write(os.path.join(a.out, f"grow-{a.db_size}-{a.ids}.md"), lambda f: f.write(text), text=True)
+    print(text)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -222,9 +326,14 @@ def main() -> int:
     p.add_argument("--latency", action="store_true", help="time each search against IDB size instead (no training)")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 8192], help="IDB sizes of --latency")
     p.add_argument("--queries", type=int, default=64, help="query images per timed batch of --latency")
+    p.add_argument("--grow", action="store_true",
+                   help="measure growing an index instead: 75 %% indexed, + 25 %% in 1 and in 5 steps, vs the whole "
+                        "IDB from scratch (zero-shot; extra flags such as --replay go to train.py and to the steps)")
     a, extra = p.parse_known_args()
     if a.latency:
         return latency_main(a)
+    if a.grow:
+        return grow_main(a, extra)
     roots = ([] if a.no_synthetic else [None]) + ([a.data_root] if a.data_root else [])
     if not roots:
         p.error("--no-synthetic needs --data-root: nothing to run")

@@ -538,6 +538,29 @@ def load_dataset(name: str, *, data_root: str | None = None, coco_annotations: s
     return imageset
 
 
+def read_refs(refs: Sequence[str], image_size: int, *, dataset: str = "synthetic", seed: int = 0,
+              aspect_range: Sequence[float] = DEFAULT_ASPECT_RANGE) -> np.ndarray:
+    """The images that a run's refs name, preprocessed as that run did: (n, S, S, 3) uint8.
+
+    "synthetic:<p>" is image p of the built-in set of `dataset` and `seed` (drawn again: a set of n is a
+    prefix of a set of n + 1); anything else is a file path. Growing an index replays old images, so they
+    are read back from where the run found them; a file that is gone is a DataError naming it.
+    """
+    synthetic = [int(ref.split(":", 1)[1]) for ref in refs if ref.startswith("synthetic:")]
+    drawn = (make_synthetic(max(synthetic) + 1, image_size, seed, dataset == "synthetic-multilabel",
+                            aspect_range).images if synthetic else None)
+    images = []
+    for ref in refs:
+        if ref.startswith("synthetic:"):
+            images.append(drawn[int(ref.split(":", 1)[1])])
+        elif not os.path.isfile(ref):
+            raise DataError(f"indexed image '{ref}' is gone; growing an index replays its old images: "
+                            f"put the file back or run from the folder the run was started in")
+        else:   # it passed the aspect filter once: crop it the same way, whatever the range is now
+            images.append(read_image(ref, image_size, aspect_range=None))
+    return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
 # ---------------------------------------------------------------- splits (paper §2.1)
 
 def split_sizes(db_size: int, index_fraction: float = 0.25) -> tuple[int, int, int, int]:
@@ -588,6 +611,16 @@ def split_dataset(imageset: ImageSet, db_size: int, index_fraction: float = 0.25
     return Split(idb=idb, train=train, val=val, test=test)
 
 
+def stratified_subsets(primary: np.ndarray, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
+    """Cut items into parts of ``sizes[k]`` items each, stratified by class, random within class (seeded):
+    sorted positions per part. Used to leave part of the IDB out of a first index, and to cut what is
+    added later into steps, so that every part holds each class in proportion (±1)."""
+    if sum(sizes) != len(primary):
+        raise ValueError(f"sizes {list(sizes)} do not add up to the {len(primary)} items")
+    parts = _stratified_parts(np.asarray(primary, dtype=np.int64), sizes, np.random.default_rng(seed))
+    return [np.flatnonzero(parts == k) for k in range(len(sizes))]
+
+
 def relevant_sets(query_labels: list[frozenset], idb_labels: list[frozenset],
                   idb_ids: list[str]) -> list[set[str]]:
     """Relevant IDB IDs per query: those sharing at least one label (paper: same class; COCO: a common
@@ -620,7 +653,7 @@ def assign_ids(primary: np.ndarray, scheme: str, seed: int = 0) -> list[str]:
         raise DataError(f"unknown ID scheme '{scheme}'; use 'random' or 'clustered'")
     if n == 0:
         return []
-    class_width = len(str(int(primary.max())))
+    class_width = clustered_prefix_width(primary)
     counter_width = len(str(2 * int(np.bincount(primary).max()) - 1))
     counter = np.zeros(int(primary.max()) + 1, dtype=np.int64)
     ids = []
@@ -628,6 +661,11 @@ def assign_ids(primary: np.ndarray, scheme: str, seed: int = 0) -> list[str]:
         ids.append(f"{c:0{class_width}d}{counter[c]:0{counter_width}d}")
         counter[c] += 1
     return ids
+
+
+def clustered_prefix_width(primary: np.ndarray) -> int:
+    """Digits of a clustered ID's class prefix: enough for the largest class index among the IDB's."""
+    return len(str(int(np.max(primary))))
 
 
 def encode_id(id_str: str) -> list[int]:

@@ -18,6 +18,8 @@ Usage:
     python train.py --dataset imagenet --data-root DIR --db-size 512
     python train.py --sweep                                       # the paper's Table 1 grid
     python train.py --checkpoint runs/.../checkpoint.pt --query a.jpg b.png --top-k 10
+    python train.py --checkpoint runs/.../checkpoint.pt --add new/ c.jpg      # grow the index (grow.py)
+    python train.py --checkpoint runs/.../checkpoint.pt --remove 0312         # hide an ID from decoding
 """
 
 import argparse
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coco: official instances_*.json file(s); several are merged (e.g. train + val)")
     g.add_argument("--db-size", type=int, default=512, help="images drawn for the run (IDB + queries), paper Table 1")
     g.add_argument("--index-fraction", type=float, default=0.25, help="share of the drawn images that is indexed (IDB)")
+    g.add_argument("--index-hold-out", type=float, default=0.0, metavar="FRACTION",
+                   help="leave this stratified share of the IDB out of the first index (recorded in the checkpoint "
+                        "as held_out), to add it later with --add and measure what growing costs (benchmark.py "
+                        "--grow); 0 = index the whole IDB")
     g.add_argument("--ids", default="clustered", choices=["clustered", "random", "semantic"],
                    help="ID scheme of the IDB; semantic = hierarchical k-means over BoVW histograms, no labels")
     g.add_argument("--image-size", type=int, default=160, help="square side after crop and resize, pixels")
@@ -229,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of data draw, IDs, initialisation and batches")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = one per core")
-    g.add_argument("--out", help="output folder (default: runs/<dataset>-<db_size>-<ids>-s<seed>)")
+    g.add_argument("--out", help="output folder (default: runs/<dataset>-<db_size>-<ids>-s<seed>; with --add or "
+                                 "--remove, a new folder beside the checkpoint's: <its folder>-add, -add2, ...)")
     g.add_argument("--sweep", action="store_true", help="run the paper's Table 1 grid: --sweep-sizes x --sweep-ids")
     g.add_argument("--sweep-sizes", type=int, nargs="+", default=[512, 1024, 2048], help="db sizes of --sweep")
     g.add_argument("--sweep-ids", nargs="+", default=["clustered", "random"], choices=["clustered", "random", "semantic"],
@@ -242,11 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="OUT_DIR",
                    help="continue the interrupted run whose --out is OUT_DIR, with its own arguments (only "
                         "--threads, --quiet and --save-every may be given too) to the metrics of an uninterrupted run")
-    g = p.add_argument_group("query mode")
-    g.add_argument("--checkpoint", help="checkpoint.pt of a finished run: answer --query images with it")
+    add_checkpoint_flags(p)
+    return p
+
+
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that work on a finished run's checkpoint instead of training one."""
+    g = p.add_argument_group("a trained index: query it, grow it, hide IDs in it (README 'Growing the index')")
+    g.add_argument("--checkpoint", help="checkpoint.pt of a finished run, used with --query, --add or --remove")
     g.add_argument("--query", nargs="+", metavar="IMAGE", help="image files to look up in the checkpoint's index")
     g.add_argument("--top-k", type=int, default=10, help="IDs printed per query image")
-    return p
+    g.add_argument("--add", nargs="+", metavar="PATH",
+                   help="image files or ImageFolder trees (DIR/<class>/<image>) to index into the checkpoint's "
+                        "model, without retraining it; writes a new checkpoint under --out")
+    g.add_argument("--remove", nargs="+", metavar="ID",
+                   help="IDs to hide from decoding (no training); writes a new checkpoint under --out")
+    g.add_argument("--replay", type=float, default=4.0,
+                   help="--add: old IDB images replayed per new image per epoch (and at least enough to fill one "
+                        "batch), drawn anew each epoch, so that learning the new IDs does not overwrite the old "
+                        "ones; 0 = none")
+    g.add_argument("--add-lr", type=float,
+                   help="--add: peak learning rate (default: half the recipe's indexing lr: the model already "
+                        "writes IDs, and a smaller step moves the old memories less)")
+    g.add_argument("--add-epochs", type=int, default=100,
+                   help="--add: epoch cap; training stops earlier once the new images' IA@1 reaches "
+                        "--index-target-acc")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--add/--remove: allow --out to be the folder of an existing checkpoint.pt (also the "
+                        "one being grown), which is then replaced")
 
 
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
@@ -257,13 +287,20 @@ def recipe_from_args(a: argparse.Namespace) -> Recipe:
 
 def check_args(a: argparse.Namespace) -> None:
     """Reject bad input before any work starts: one line naming the problem and the fix."""
-    if a.query and not a.checkpoint:
-        raise UsageError("--query needs --checkpoint: pass the checkpoint.pt of a finished run")
-    if a.checkpoint and not a.query:
-        raise UsageError("--checkpoint needs --query IMAGE [IMAGE ...]: the images to look up")
+    modes = [flag for flag in ("query", "add", "remove") if getattr(a, flag)]
+    if modes and not a.checkpoint:
+        raise UsageError(f"--{modes[0]} needs --checkpoint: pass the checkpoint.pt of a finished run")
+    if a.checkpoint and len(modes) != 1:
+        raise UsageError("--checkpoint needs one of --query IMAGE..., --add PATH... or --remove ID..."
+                         + (f", not both --{modes[0]} and --{modes[1]}" if modes else ""))
     if a.checkpoint:
         if a.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
+        if a.replay < 0 or a.add_epochs < 1 or (a.add_lr is not None and a.add_lr <= 0):
+            raise UsageError(f"--replay must be 0 or more, --add-epochs and --add-lr positive; got "
+                             f"{a.replay}, {a.add_epochs}, {a.add_lr}")
+        if not 0.0 < a.index_target_acc <= 1.0:
+            raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
         return
     check_out_folder(a.out or default_out(a))
     if a.save_every < 0:
@@ -295,6 +332,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if not 0.0 <= a.dropout < 1.0:
         raise UsageError(f"--dropout must lie in [0, 1), got {a.dropout}")
+    if not 0.0 <= a.index_hold_out < 1.0:
+        raise UsageError(f"--index-hold-out must lie in [0, 1), got {a.index_hold_out}")
     if not 0.0 < a.index_target_acc <= 1.0:
         raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -673,6 +712,7 @@ class Cell:
     saver: ResumeSaver = field(default_factory=ResumeSaver)   # takes each completed epoch's state
     resumed: dict | None = None        # the saved state this run continues from, until its phase has used it
     finished: dict = field(default_factory=dict)   # results of finished steps: "bovw", "indexed", "zero_shot"
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # IDB images left out (--index-hold-out)
 
     def relevant(self, positions: np.ndarray) -> list[set[str]]:
         """Relevant IDB IDs of the images at `positions` (same class; COCO: a shared category)."""
@@ -985,7 +1025,11 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     state of an interrupted run of this cell: the steps it had finished are taken from it, not run again."""
     set_seed(a.seed)
     recipe = recipe_from_args(a)
-    split = data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed)
+    split, held_out = hold_out(data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed),
+                               imageset, a.index_hold_out, a.seed)
+    if len(held_out):
+        log(f"index hold-out: {len(held_out)} of {len(split.idb) + len(held_out)} IDB images left out of the "
+            f"first index (stratified), recorded in the checkpoint for --add")
     idb_ids = make_ids(a, imageset, split, ids_scheme, log)
     log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
         f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
@@ -993,7 +1037,7 @@ def run_experiment(a: argparse.Namespace, imageset: data.ImageSet, db_size: int,
     cell = Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
                 data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
                 torch.Generator().manual_seed(a.seed), log, saver=saver or ResumeSaver(), resumed=resumed,
-                finished=dict(resumed["finished"]) if resumed else {})
+                finished=dict(resumed["finished"]) if resumed else {}, held_out=held_out)
     if "bovw" in a.models and with_bovw and "bovw" not in cell.finished:
         cell.finished["bovw"] = run_bovw(cell)
     rows = [cell.finished["bovw"]] if "bovw" in cell.finished else []
@@ -1032,10 +1076,34 @@ def run_dsi(cell: Cell, out: str) -> list[dict]:
             rows.append(evaluate(cell, model, "fine-tuned", indexed["seconds"] + tuned["seconds"], info))
             optimizer, epoch = tuned["optimizer"], tuned["best_epoch"]
 
-    save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, idb_ids,
-                    [imageset.refs[i] for i in split.idb], ids_scheme, db_size)
+    save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, catalogue(cell))
     draw_curves(cell.curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")
     return rows
+
+
+def hold_out(split: data.Split, imageset: data.ImageSet, fraction: float, seed: int) -> tuple[data.Split, np.ndarray]:
+    """The split whose IDB lacks a stratified `fraction` of its images, and those images' positions.
+    The queries stay as drawn, so a model indexed on the rest and grown later is scored on the same
+    test queries as one that indexed the whole IDB from the start."""
+    n_out = math.floor(len(split.idb) * fraction + 0.5)
+    if n_out == 0:
+        return split, np.zeros(0, np.int64)
+    if n_out >= len(split.idb):
+        raise UsageError(f"--index-hold-out {fraction} leaves no IDB image to index; pass a smaller fraction")
+    keep, out = data.stratified_subsets(imageset.primary[split.idb], [len(split.idb) - n_out, n_out], seed)
+    return replace(split, idb=split.idb[keep]), split.idb[out]
+
+
+def catalogue(cell: Cell) -> dict:
+    """What a checkpoint says about its index, beside the weights: each indexed image's ID, reference and
+    class; the class names (an added ImageFolder class is matched by name); the clustered prefix width
+    (the class part of an ID); IDs hidden by --remove; and the images that --index-hold-out left out."""
+    imageset, idb = cell.imageset, cell.split.idb
+    return {"ids": cell.idb_ids, "idb_refs": [imageset.refs[i] for i in idb], "ids_scheme": cell.ids,
+            "db_size": cell.db_size, "class_names": list(imageset.class_names),
+            "idb_classes": [int(c) for c in imageset.primary[idb]],
+            "prefix_width": data.clustered_prefix_width(imageset.primary[idb]) if cell.ids == "clustered" else 0,
+            "removed": [], "held_out": [imageset.refs[i] for i in cell.held_out]}
 
 
 def index_info(indexed: dict, n_idb: int) -> dict:
@@ -1093,19 +1161,30 @@ def atomic_write(path: str, write: Callable[[IO], None], text: bool = False) -> 
 
 
 # Bump when the checkpoint's layout changes: a file of another version is refused with both numbers.
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = ("model", "config", "ids", "idb_refs")   # what query mode needs
+# Version 2 added what growing an index needs: class_names, idb_classes, prefix_width, removed, held_out.
+CHECKPOINT_VERSION = 2
+CHECKPOINT_KEYS = ("model", "config", "args", "ids", "idb_refs", "ids_scheme", "class_names", "idb_classes",
+                   "prefix_width", "removed", "held_out")   # what query mode, --add and --remove need
 
 
-def save_checkpoint(path, model, optimizer, config, a, epoch, idb_ids, idb_refs, ids_scheme, db_size) -> None:
-    """One dict with everything needed to rebuild the model and answer queries.
+def save_checkpoint(path: str, model: ViTDSI, optimizer: torch.optim.Optimizer, config: ViTDSIConfig,
+                    a: argparse.Namespace, epoch: int, index_catalogue: dict) -> None:
+    """One dict with everything needed to rebuild the model, answer queries and grow the index
+    (`index_catalogue`: see `catalogue`).
 
     Only tensors and plain data (dict, list, tuple, str, int, float, bool, None), so that
     `torch.load(..., weights_only=True)` reads it back without running any code from the file."""
     ckpt = {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "config": asdict(config), "args": vars(a), "epoch": epoch, "seed": a.seed, "ids": idb_ids,
-            "idb_refs": idb_refs, "ids_scheme": ids_scheme, "db_size": db_size, "aspect_range": list(a.aspect_range)}
+            "config": asdict(config), "args": vars(a), "epoch": epoch, "seed": a.seed,
+            "aspect_range": list(a.aspect_range), **index_catalogue}
     atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def live_ids(ckpt: dict) -> list[str]:
+    """The IDs decoding may write: every indexed ID but those hidden by --remove. Everything that builds
+    the trie from a checkpoint builds it from these, so a removed ID is never returned."""
+    removed = set(ckpt["removed"])
+    return [i for i in ckpt["ids"] if i not in removed]
 
 
 def torch_load_error(e: Exception) -> str:
@@ -1176,11 +1255,17 @@ def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
     mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
     if mismatch:
         raise UsageError(f"'{path}' does not fit its own model config: {mismatch}; {retrain}")
-    ids, refs = ckpt["ids"], ckpt["idb_refs"]
-    if not (isinstance(ids, list) and isinstance(refs, list) and 0 < len(ids) == len(refs) == len(set(ids))
+    ids, refs, classes = ckpt["ids"], ckpt["idb_refs"], ckpt["idb_classes"]
+    if not (isinstance(ids, list) and isinstance(refs, list) and isinstance(classes, list)
+            and 0 < len(ids) == len(refs) == len(classes) == len(set(ids))
             and all(isinstance(i, str) and i.isdigit() for i in ids)):
-        raise UsageError(f"'{path}' has a broken ID map (ids and idb_refs must be equally long lists of "
-                         f"distinct digit strings); {retrain}")
+        raise UsageError(f"'{path}' has a broken ID map (ids, idb_refs and idb_classes must be equally long "
+                         f"lists, the ids distinct digit strings); {retrain}")
+    removed = ckpt["removed"]
+    if not (isinstance(removed, list) and all(isinstance(i, str) for i in removed) and set(removed) < set(ids)
+            and isinstance(ckpt["args"], dict)):
+        raise UsageError(f"'{path}' has a broken list of removed IDs (it must name some, not all, of its IDs) "
+                         f"or run arguments; {retrain}")
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
@@ -1283,7 +1368,7 @@ def query_mode(a: argparse.Namespace) -> None:
         except data.UnreadableImage:
             raise UsageError(f"cannot decode '{path}' as an image: pass a JPEG/PNG/BMP file") from None
     x = data.images_to_tensor(np.stack(images))
-    trie = IDTrie(ckpt["ids"])
+    trie = IDTrie(live_ids(ckpt))
     ref_of = dict(zip(ckpt["ids"], ckpt["idb_refs"]))
     with torch.no_grad():
         results = model.generate(data.normalize(x.to(device)), trie, k=a.top_k, beam=a.beam)
@@ -1321,9 +1406,14 @@ def run(a: argparse.Namespace, saver: ResumeSaver | None = None) -> int:
     check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.checkpoint:
+    if a.query:
         query_mode(a)
         return 0
+    if a.add or a.remove:   # grow.py builds on this file's loop pieces, so it is imported only when needed;
+        # run as a script this module is __main__: grow's `import train` must find it, not load a second copy
+        sys.modules.setdefault("train", sys.modules[__name__])
+        import grow
+        return grow.main(a)
     out = a.out or default_out(a)
     os.makedirs(out, exist_ok=True)
     log = Log(os.path.join(out, "train.log"), quiet=a.quiet)

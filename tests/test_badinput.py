@@ -43,7 +43,9 @@ def tiny_checkpoint(path, **changes) -> str:
     config = train.model_config(a, max_len=4)
     model = train.ViTDSI(config)
     optimizer = train.make_optimizer(model, train.RECIPES["fast"], 1e-3)
-    train.save_checkpoint(str(path), model, optimizer, config, a, 1, IDS, ["a.png", "b.png", "c.png"], "clustered", 12)
+    catalogue = {"ids": IDS, "idb_refs": ["a.png", "b.png", "c.png"], "ids_scheme": "clustered", "db_size": 12,
+                 "class_names": ["a"], "idb_classes": [0, 0, 0], "prefix_width": 1, "removed": [], "held_out": []}
+    train.save_checkpoint(str(path), model, optimizer, config, a, 1, catalogue)
     if changes:
         ckpt = torch.load(path, weights_only=True)
         torch.save({**ckpt, **changes}, path)
@@ -95,8 +97,8 @@ def test_checkpoint_is_plain_data_and_answers_queries(tmp_path, capsys):
 def test_checkpoint_of_another_version_or_config_names_the_difference(tmp_path, capsys):
     query = save_png(tmp_path / "q.png", np.zeros((32, 32, 3), np.uint8))
     ask = lambda path: fails(["--checkpoint", str(path), "--query", query], capsys)  # noqa: E731
-    old = tiny_checkpoint(tmp_path / "old.pt", format_version=0)
-    assert "format version 0, this train.py reads version 1" in ask(old)
+    old = tiny_checkpoint(tmp_path / "old.pt", format_version=1)    # before growing an index was possible
+    assert "format version 1, this train.py reads version 2" in ask(old)
     ckpt = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "mlp_dim": 64}}, tmp_path / "shape.pt")
     assert re.search(r"parameter '[\w.]*mlp[\w.]*' has shape \(32, 16\), the config gives \(64, 16\)",
@@ -105,6 +107,10 @@ def test_checkpoint_of_another_version_or_config_names_the_difference(tmp_path, 
     assert "field 'colour_space'" in ask(tmp_path / "field.pt")
     torch.save({k: v for k, v in ckpt.items() if k != "ids"}, tmp_path / "noids.pt")
     assert "field 'ids'" in ask(tmp_path / "noids.pt")
+    torch.save({**ckpt, "removed": ["77"]}, tmp_path / "removed.pt")
+    assert "removed IDs" in ask(tmp_path / "removed.pt")
+    torch.save({**ckpt, "idb_classes": [0]}, tmp_path / "classes.pt")
+    assert "idb_classes" in ask(tmp_path / "classes.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert "no format_version" in ask(tmp_path / "list.pt")
 

@@ -1,0 +1,339 @@
+"""grow.py: grow a trained index without retraining it, and hide IDs in it.
+
+A DSI keeps its database in its weights, so adding an image means teaching the model one more ID, and
+teaching it new IDs can make it forget old ones (the problem DSI++, Mehta et al. 2023, studies for text).
+This chapter adds images with the indexing phase's own machinery (train.py: `Pool`, `Trainer`,
+`run_epoch`, the recipe's lr schedule and arithmetic) and measures what the old images lose:
+
+  1. `new_ids`: each new image gets an ID that fits the scheme. random: the next free numbers, as long as
+     they have the model's number of digits. clustered: the next counter value in its class's block (the
+     counter has room for twice the largest class, data.assign_ids); the class is the ImageFolder folder
+     name matched against the run's class names, and for a loose file or an unknown class it is the class
+     prefix the model itself decodes for the image (its nearest cluster). semantic: the next free slot of
+     the leaf cluster of the ID the model decodes for the image.
+  2. `learn_additions`: train on the new images plus a replay sample of old IDB images (`--replay` per new
+     image, drawn anew each epoch), until the new images' IA@1 by constrained beam search reaches
+     `--index-target-acc`, or `--add-epochs` run out.
+  3. `add_to_index` reports the new images' IA@1 and the old ones' before and after, epochs and seconds.
+
+`--remove` only takes IDs out of the trie: decoding can no longer write them; nothing is trained.
+Removed IDs stay in the checkpoint (with their images) and are never given to another image.
+
+    python train.py --checkpoint runs/X/checkpoint.pt --add new_photos/ extra.jpg   # -> runs/X-add/
+    python train.py --checkpoint runs/X/checkpoint.pt --remove 0312 0407            # -> runs/X-remove/
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import train
+from train import UsageError
+from vitdsi import IDTrie, ViTDSI, set_dropout
+
+
+# --------------------------------------------------------------------------------------------
+# What to add, and the IDs it gets
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Additions:
+    """Images to add to an index, in the order they get their IDs."""
+    images: np.ndarray          # (n, S, S, 3) uint8, preprocessed like the IDB
+    refs: list[str]             # file path of each (or "synthetic:<p>"), stored as its IDB reference
+    classes: list[int]          # class index of each in the run's class names; -1 = unknown
+
+
+def image_files(folder: str) -> list[str]:
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if not f.startswith(".") and f.lower().endswith(data.IMAGE_EXTENSIONS)]
+
+
+def list_additions(paths: list[str], class_names: list[str]) -> list[tuple[str, int]]:
+    """(file, class index) of every image that `--add PATH...` names. A folder with class folders is an
+    ImageFolder tree: a class folder whose name is one of the run's classes gives that class, any other
+    folder name -1. A folder of images, and an image file, give -1: the model's decoding decides."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append((path, -1))
+        elif os.path.isdir(path):
+            sub = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d)) and d[0] != "."]
+            for name in sub:
+                cls = class_names.index(name) if name in class_names else -1
+                found += [(f, cls) for f in image_files(os.path.join(path, name))]
+            found += [(f, -1) for f in image_files(path)]
+        else:
+            raise UsageError(f"--add: '{path}' not found; pass image files or ImageFolder folders")
+    if not found:
+        raise UsageError(f"--add: no image files ({' '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+    return found
+
+
+def read_additions(paths: list[str], ckpt: dict, image_size: int) -> Additions:
+    """Decode what `--add` names. Any aspect ratio is taken (centre-cropped, like a query image); an image
+    that is already indexed, or that cannot be decoded, is bad input."""
+    indexed = dict(zip(ckpt["idb_refs"], ckpt["ids"]))
+    images, refs, classes = [], [], []
+    for file, cls in list_additions(paths, ckpt["class_names"]):
+        if file in indexed or file in refs:
+            raise UsageError(f"--add: '{file}' is already indexed" + (f" (ID {indexed[file]})" if file in indexed
+                                                                       else " (named twice)") + "; add it once")
+        try:
+            images.append(data.read_image(file, image_size, aspect_range=None))
+        except data.UnreadableImage:
+            raise UsageError(f"--add: cannot decode '{file}' as an image; pass JPEG/PNG/BMP files") from None
+        refs.append(file)
+        classes.append(cls)
+    return Additions(np.stack(images), refs, classes)
+
+
+def next_free(taken: set[str], prefix: str, width: int, block: str) -> str:
+    """The ID after the highest one used in the block of IDs `prefix` + `width` digits. Removed IDs count
+    as used: the model still remembers their images, so they are never given to another one."""
+    used = [int(i[len(prefix):]) for i in taken if len(i) == len(prefix) + width and i.startswith(prefix)]
+    number = max(used, default=-1) + 1
+    if number >= 10 ** width:
+        raise UsageError(f"{block} is full: its {width}-digit counter has no ID after {prefix}{'9' * width}; "
+                         f"add fewer images there, or retrain to number the index afresh")
+    return f"{prefix}{number:0{width}d}"
+
+
+def new_ids(ckpt: dict, classes: list[int], nearest: list[str | None]) -> tuple[list[str], list[int]]:
+    """The ID of each new image, and its class (clustered: a decoded class where it was unknown).
+    `nearest[j]` is the ID the model decodes for image j (None where the scheme does not need it)."""
+    scheme, names, taken = ckpt["ids_scheme"], ckpt["class_names"], set(ckpt["ids"])
+    length, width = len(ckpt["ids"][0]), ckpt["prefix_width"]
+    ids, out_classes = [], []
+    for cls, near in zip(classes, nearest):
+        if scheme == "random":
+            block = f"the random IDs (the model writes {length} digits)"
+            id_str = next_free(taken, "", length, block)
+        elif scheme == "semantic":   # the leaf cluster of the nearest ID: its parent prefix, one more slot
+            id_str = next_free(taken, near[:-1], 1, f"the semantic leaf cluster '{near[:-1]}'")
+        else:
+            prefix = f"{cls:0{width}d}" if cls >= 0 else near[:width]
+            if len(prefix) != width:
+                raise UsageError(f"class '{names[cls]}' (index {cls}) needs a {len(prefix)}-digit prefix, the "
+                                 f"model's clustered IDs have {width}; retrain with that class in the IDB")
+            cls = int(prefix)
+            id_str = next_free(taken, prefix, length - width, f"class '{names[cls]}' (ID prefix {prefix})")
+        taken.add(id_str)
+        ids.append(id_str)
+        out_classes.append(cls)
+    return ids, out_classes
+
+
+# --------------------------------------------------------------------------------------------
+# Learning the new IDs, with replay of the old ones
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GrowSettings:
+    """How an addition is trained (train.py flags --replay, --add-lr, --add-epochs, --index-target-acc)."""
+    replay: float               # old IDB images per new image per epoch
+    lr: float                   # peak learning rate
+    epochs: int                 # epoch cap
+    target: float               # stop once the new images' IA@1 reaches it
+    beam: int | None = None     # beam width of the IA@1 check (None: the list length)
+    seed: int = 0               # batch order and the replay draw
+
+
+def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
+    return GrowSettings(replay=a.replay, lr=a.add_lr if a.add_lr is not None else recipe.lr / 2,
+                        epochs=a.add_epochs, target=a.index_target_acc, beam=a.beam, seed=a.seed)
+
+
+def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
+                    old: tuple[torch.Tensor, list[str]], trie: IDTrie, s: GrowSettings,
+                    log: train.Log) -> dict:
+    """Teach the model the new (image, ID) pairs, mixed with old ones so that it keeps them (rehearsal, as in
+    the retrieval phase, Tay et al. §4.4). `new` and `old` are uint8 images (n, 3, S, S) with their IDs; the
+    pool is the new images, then the old ones. Like `train.index`, the cheap teacher-forced exact match of
+    the new images gates the beam-search IA@1 check that ends training. Returns epochs, seconds, new IA@1."""
+    (new_images, ids_new), (old_images, ids_old) = new, old
+    n_new, n_old = len(ids_new), len(ids_old)
+    # A handful of new images alone would be a few steps on a few IDs, free to overwrite anything:
+    # the replay share also fills the epoch's batch, so every step mostly rehearses the old index.
+    n_replay = max(round(s.replay * n_new), recipe.batch_size - n_new) if n_old and s.replay else 0
+    targets = data.ids_to_tensor(ids_new + ids_old)                             # (n_new + n_old, L)
+    pool = train.Pool(torch.cat([new_images, old_images]), lambda idx: targets[idx].unsqueeze(1),
+                      torch.zeros(n_new + n_old, dtype=torch.bool))
+    optimizer = train.make_optimizer(model, recipe, s.lr)
+    steps = math.ceil((n_new + n_replay) / recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(recipe, steps, s.epochs))
+    bf16 = train.use_bf16(recipe.precision, device)
+    trainer = train.Trainer(model, optimizer, scheduler, device, bf16)
+    if recipe.index_dropout is not None:
+        set_dropout(model, recipe.index_dropout)
+    gen = torch.Generator().manual_seed(s.seed)
+    epoch, new_ia, t_start = 0, 0.0, time.perf_counter()
+    while epoch < s.epochs and new_ia < s.target:
+        epoch += 1
+        t0 = time.perf_counter()
+        order = torch.cat([torch.arange(n_new), n_new + train.spread(n_replay, n_old, gen)])
+        loss, acc, _ = train.run_epoch(trainer, pool, order[torch.randperm(len(order), generator=gen)],
+                                       recipe.batch_size)
+        _, new_acc = train.eval_loss(model, new_images, targets[:n_new].unsqueeze(1), 2 * recipe.batch_size,
+                                     device, bf16)
+        if new_acc >= s.target or epoch == s.epochs:
+            ranked, _ = train.rank_dsi(model, new_images, trie, 1, s.beam, device)
+            new_ia = metrics.indexing_accuracy(ranked, ids_new, 1)
+        log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  "
+            f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
+            + (f"  new IA@1 {new_ia:.3f}" if new_acc >= s.target or epoch == s.epochs else ""))
+    set_dropout(model, model.config.dropout)
+    return {"epochs": epoch, "seconds": time.perf_counter() - t_start, "new_ia": new_ia, "optimizer": optimizer}
+
+
+def ia_at_1(model: ViTDSI, images: torch.Tensor, ids: list[str], trie: IDTrie, s: GrowSettings,
+            device: torch.device) -> float | None:
+    """IA@1 of `images` against their own `ids`, by constrained beam search; None when there are none."""
+    if not ids:
+        return None
+    ranked, _ = train.rank_dsi(model, images, trie, 1, s.beam, device)
+    return metrics.indexing_accuracy(ranked, ids, 1)
+
+
+def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, old_images: torch.Tensor, s: GrowSettings,
+                 device: torch.device, log: train.Log) -> tuple[dict, dict]:
+    """Index `additions` into the model of checkpoint `ckpt` (in place) and return the grown checkpoint
+    and the report. `old_images` (n, 3, S, S) uint8 are the images of `train.live_ids(ckpt)`, in order."""
+    recipe = train.recipe_from_args(argparse.Namespace(**ckpt["args"]))
+    model.to(device)
+    old_ids = train.live_ids(ckpt)
+    trie_before = IDTrie(old_ids)
+    new_images = data.images_to_tensor(additions.images)
+    nearest: list[str | None] = [None] * len(additions.refs)
+    decode = [j for j, c in enumerate(additions.classes)
+              if ckpt["ids_scheme"] == "semantic" or (ckpt["ids_scheme"] == "clustered" and c < 0)]
+    if decode:   # the nearest existing cluster, as the model sees the image
+        ranked, _ = train.rank_dsi(model, new_images[torch.as_tensor(decode)], trie_before, 1,
+                                   s.beam, device)
+        for j, hyps in zip(decode, ranked):
+            nearest[j] = hyps[0]
+    ids, classes = new_ids(ckpt, additions.classes, nearest)
+    grown = {**ckpt, "ids": ckpt["ids"] + ids, "idb_refs": ckpt["idb_refs"] + additions.refs,
+             "idb_classes": ckpt["idb_classes"] + classes}
+    trie = IDTrie(train.live_ids(grown))
+    shown = ", ".join(ids[:8]) + (", ..." if len(ids) > 8 else "")
+    log(f"add: {len(ids)} images -> IDs {shown} ({ckpt['ids_scheme']}), replaying {s.replay:g} old "
+        f"IDB images per new one ({len(old_ids)} indexed), lr {s.lr:g}, up to {s.epochs} epochs")
+    old_before = ia_at_1(model, old_images, old_ids, trie_before, s, device)
+    learned = learn_additions(model, recipe, device, (new_images, ids), (old_images, old_ids), trie, s, log)
+    old_after = ia_at_1(model, old_images, old_ids, trie, s, device)
+    report = {"added": len(ids), "new_ids": ids, "new_IA@1": learned["new_ia"], "old_IA@1_before": old_before,
+              "old_IA@1": old_after, "epochs": learned["epochs"], "seconds": round(learned["seconds"], 2),
+              "replay": s.replay, "lr": s.lr, "old_images": len(old_ids)}
+    log(f"add: {learned['epochs']} epochs in {train.fmt_seconds(learned['seconds'])}; new images IA@1 "
+        f"{learned['new_ia']:.3f}; old images IA@1 {old_before:.3f} -> {old_after:.3f}")
+    grown.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 optimizer=learned["optimizer"].state_dict(), epoch=learned["epochs"])
+    return grown, report
+
+
+def rebuild_run(ckpt: dict, log: train.Log) -> tuple[data.ImageSet, data.Split]:
+    """The run's images and its split (queries and whole IDB, held-out part included), drawn again from
+    the checkpoint's stored arguments, as train.run_experiment drew them. Growing is scored on the run's
+    own test queries, so the draw must give the IDB the checkpoint names; data that moved is bad input."""
+    run = argparse.Namespace(**ckpt["args"])
+    imageset = train.load_images(run, run.db_size, log)
+    split = data.split_dataset(imageset, run.db_size, run.index_fraction, seed=run.seed)
+    if not {imageset.refs[i] for i in split.idb} <= set(ckpt["idb_refs"]) | set(ckpt["held_out"]):
+        raise UsageError("the run's data, drawn again from the checkpoint's arguments, gives another IDB than "
+                         "the checkpoint's; run from the folder the run was started in, with the same data")
+    return imageset, split
+
+
+# --------------------------------------------------------------------------------------------
+# Removing IDs
+# --------------------------------------------------------------------------------------------
+
+def remove_ids(ckpt: dict, ids: list[str]) -> dict:
+    """The checkpoint with `ids` hidden from decoding. An ID the index never held, or one already
+    removed, is bad input; so is removing every ID (decoding would have nothing to write)."""
+    known, removed = set(ckpt["ids"]), list(ckpt["removed"])
+    for id_str in ids:
+        if id_str not in known:
+            raise UsageError(f"--remove: ID '{id_str}' is not in the index; pass IDs as query mode prints "
+                             f"them (e.g. {ckpt['ids'][0]})")
+        if id_str in removed:
+            raise UsageError(f"--remove: ID '{id_str}' was removed already; pass IDs still in the index")
+        removed.append(id_str)
+    if len(set(removed)) == len(known):
+        raise UsageError("--remove would hide every ID of the index; keep at least one")
+    return {**ckpt, "removed": sorted(set(removed))}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python train.py --checkpoint C --add PATH... | --remove ID...
+# --------------------------------------------------------------------------------------------
+
+def output_folder(a: argparse.Namespace, verb: str) -> str:
+    """Where the new checkpoint goes: --out, or by default a new folder beside the old one (runs/X-add,
+    then runs/X-add2, ...). A folder that holds a checkpoint.pt, above all the one being grown, is
+    refused unless --overwrite says to replace it."""
+    source = os.path.abspath(a.checkpoint)
+    out = a.out
+    if out is None:
+        base, n = os.path.dirname(source) + f"-{verb}", 1
+        out = base
+        while os.path.exists(os.path.join(out, "checkpoint.pt")):
+            n += 1
+            out = f"{base}{n}"
+    train.check_out_folder(out)
+    target = os.path.abspath(os.path.join(out, "checkpoint.pt"))
+    if os.path.exists(target) and not a.overwrite:
+        what = "the checkpoint being changed" if target == source else "a checkpoint.pt"
+        raise UsageError(f"--out '{out}' holds {what}; pass another --out, or --overwrite to replace it")
+    return out
+
+
+def write_report(out: str, report: dict, source: str) -> None:
+    """results.json and results.md of an addition, each written whole or not at all."""
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    table = (f"# Added to {source}\n\n| added | new IA@1 | old IA@1 before | old IA@1 after | epochs | seconds | "
+             f"replay | lr |\n|---|---|---|---|---|---|---|---|\n| {report['added']} | {fmt(report['new_IA@1'])} | "
+             f"{fmt(report['old_IA@1_before'])} | {fmt(report['old_IA@1'])} | {report['epochs']} | "
+             f"{report['seconds']} | {report['replay']:g} | {report['lr']:g} |\n\nIA@1 by constrained beam search "
+             f"over every ID the grown index can write; old = the {report['old_images']} images indexed before.\n")
+    train.atomic_write(os.path.join(out, "results.json"), lambda f: json.dump(report, f, indent=2), text=True)
+    train.atomic_write(os.path.join(out, "results.md"), lambda f: f.write(table), text=True)
+
+
+def main(a: argparse.Namespace) -> int:
+    """`train.py --checkpoint C --add PATH...` or `--remove ID...`: a new checkpoint under the output folder."""
+    model, ckpt = train.load_checkpoint(a.checkpoint)
+    out = output_folder(a, "add" if a.add else "remove")
+    if a.remove:
+        grown = remove_ids(ckpt, a.remove)
+    else:
+        additions = read_additions(a.add, ckpt, model.config.image_size)
+    os.makedirs(out, exist_ok=True)
+    log = train.Log(os.path.join(out, "train.log"), quiet=a.quiet)
+    log(f"vit-dsi: --checkpoint {a.checkpoint} --{'add' if a.add else 'remove'} -> {out}")
+    if a.add:
+        run = argparse.Namespace(**ckpt["args"])
+        if not run.no_finetune:
+            log("note: this model was fine-tuned; --add replays its IDB images only, not its training queries")
+        live = set(train.live_ids(ckpt))
+        refs = [r for i, r in zip(ckpt["ids"], ckpt["idb_refs"]) if i in live]
+        old = data.images_to_tensor(data.read_refs(refs, model.config.image_size, dataset=run.dataset,
+                                                   seed=run.seed, aspect_range=ckpt["aspect_range"]))
+        device = train.pick_device(a.device)
+        settings = settings_from_args(a, train.recipe_from_args(run))
+        grown, report = add_to_index(model, ckpt, additions, old, settings, device, log)
+        write_report(out, report, a.checkpoint)
+    else:
+        log(f"remove: {len(a.remove)} IDs hidden from decoding; {len(train.live_ids(grown))} IDs remain")
+    train.atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(grown, f))
+    log(f"new checkpoint: {os.path.join(out, 'checkpoint.pt')}")
+    return 0

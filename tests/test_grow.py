@@ -1,0 +1,151 @@
+"""Growing a trained index (grow.py): added images become retrievable and the old ones stay, IDs fit the
+scheme, removed IDs are never decoded, and bad input exits 2 with one line. One tiny index is trained
+once (a quarter of its IDB held out, as benchmark.py --grow does), and everything is added to copies."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import benchmark
+import data
+import grow
+import train
+from vitdsi import IDTrie
+
+TINY = ["--db-size", "128", "--image-size", "32", "--patch-size", "8", "--dim", "32", "--mlp-dim", "64",
+        "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "300", "--lr", "3e-3",
+        "--no-finetune", "--models", "dsi", "--quiet", "--threads", "1"]
+
+
+def fails(argv: list[str], capsys) -> str:
+    """train.main exits 2 with exactly one line on stderr and no traceback; that line."""
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny index of 75 % of its IDB; the held-out images saved as files: most in an ImageFolder tree
+    under their class names, two loose. Returns the folder, the checkpoint and the loose files."""
+    root = tmp_path_factory.mktemp("grow")
+    assert train.main(TINY + ["--index-hold-out", "0.25", "--out", str(root / "base")]) == 0
+    ckpt = torch.load(root / "base" / "checkpoint.pt", weights_only=True)
+    imageset = data.make_synthetic(128, image_size=32, seed=0)
+    loose = []
+    for k, ref in enumerate(ckpt["held_out"]):
+        p = int(ref.split(":")[1])
+        folder = root / "new" / imageset.class_names[imageset.primary[p]] if k >= 2 else root / "loose"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(imageset.images[p]).save(folder / f"{p}.png")
+        loose += [str(folder / f"{p}.png")] if k < 2 else []
+    return root, ckpt, loose
+
+
+def test_hold_out_is_stratified_recorded_and_redrawn(base):
+    root, ckpt, _ = base
+    assert len(ckpt["ids"]) == 24 and len(ckpt["held_out"]) == 8        # IDB 32 = 24 indexed + 8 held out
+    assert not set(ckpt["held_out"]) & set(ckpt["idb_refs"])
+    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))     # the run's own split, drawn again
+    assert {imageset.refs[i] for i in split.idb} == set(ckpt["idb_refs"]) | set(ckpt["held_out"])
+    held_classes = [int(imageset.primary[imageset.refs.index(r)]) for r in ckpt["held_out"]]
+    assert len(set(held_classes)) == len(held_classes)                  # stratified: 8 of 10 classes, once each
+
+
+def test_add_makes_new_images_retrievable_and_keeps_the_old(base, capsys):
+    root, ckpt, loose = base
+    out = root / "added"
+    assert train.main(["--checkpoint", str(root / "base" / "checkpoint.pt"), "--add", str(root / "new"), *loose,
+                       "--out", str(out), "--threads", "1", "--quiet"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["added"] == 8 and report["new_IA@1"] >= 0.98
+    assert report["old_IA@1_before"] == 1.0 and report["old_IA@1"] >= 0.9
+    grown = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert grown["ids"][:24] == ckpt["ids"] and len(set(grown["ids"])) == 32
+    assert grown["held_out"] == ckpt["held_out"] and (root / "base" / "checkpoint.pt").exists()
+    # clustered: an ImageFolder class's new ID has its class's prefix and the counter after the class's last
+    for id_str, cls, ref in zip(grown["ids"][24:], grown["idb_classes"][24:], grown["idb_refs"][24:]):
+        assert id_str[0] == str(cls)
+        if ref not in loose:
+            assert grown["class_names"][cls] in ref
+            before = [int(i[1:]) for i in ckpt["ids"] if i[0] == str(cls)]
+            assert int(id_str[1:]) == max(before) + 1
+    # query mode answers a new image with its new ID
+    capsys.readouterr()
+    assert train.main(["--checkpoint", str(out / "checkpoint.pt"), "--query", loose[0], "--top-k", "1"]) == 0
+    assert f"ID {grown['ids'][grown['idb_refs'].index(loose[0])]} " in capsys.readouterr().out
+
+
+def test_new_ids_per_scheme():
+    clustered = {"ids_scheme": "clustered", "ids": ["00", "01", "10", "35"], "prefix_width": 1,
+                 "class_names": list("abcd")}
+    ids, classes = grow.new_ids(clustered, [0, 1, 0, -1, 2], [None, None, None, "31", None])
+    assert ids == ["02", "11", "03", "36", "20"] and classes == [0, 1, 0, 3, 2]   # -1: the decoded class
+    random = {"ids_scheme": "random", "ids": ["2", "0", "1"], "prefix_width": 0, "class_names": []}
+    assert grow.new_ids(random, [-1, -1], [None, None])[0] == ["3", "4"]         # the next free numbers
+    with pytest.raises(train.UsageError, match="random IDs .* full"):
+        grow.new_ids({**random, "ids": list("0123456789")}, [-1], [None])
+    with pytest.raises(train.UsageError, match="class 'b' .* is full"):
+        grow.new_ids({**clustered, "ids": ["00", "19"]}, [1], [None])
+    semantic = {"ids_scheme": "semantic", "ids": ["00", "01", "1"], "prefix_width": 0, "class_names": []}
+    assert grow.new_ids(semantic, [-1], ["01"])[0] == ["02"]                      # the nearest leaf's next slot
+
+
+def test_removed_ids_are_never_decoded_nor_reused(base, capsys):
+    root, ckpt, _ = base
+    source, out = root / "base" / "checkpoint.pt", root / "removed"
+    gone = ckpt["ids"][:3]
+    assert train.main(["--checkpoint", str(source), "--remove", *gone, "--out", str(out), "--quiet"]) == 0
+    shrunk = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert shrunk["removed"] == sorted(gone) and shrunk["ids"] == ckpt["ids"]
+    model, loaded = train.load_checkpoint(str(out / "checkpoint.pt"))
+    images = data.images_to_tensor(data.read_refs(ckpt["idb_refs"][:3], 32))
+    with torch.no_grad():
+        hyps = model.generate(data.normalize(images), IDTrie(train.live_ids(loaded)), k=len(ckpt["ids"]))
+    assert all(len(h) == 21 and not {i for i, _ in h} & set(gone) for h in hyps)  # the whole live index, no more
+    path = root / "removed-query.png"
+    Image.fromarray(data.read_refs(ckpt["idb_refs"][:1], 32)[0]).save(path)
+    capsys.readouterr()
+    assert train.main(["--checkpoint", str(out / "checkpoint.pt"), "--query", str(path), "--top-k", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" ID ") == 21 and f"ID {gone[0]} " not in printed
+    assert grow.new_ids(shrunk, [int(str(gone[0])[0])], [None])[0][0] not in gone   # never given again
+
+
+def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
+    root, ckpt, loose = base
+    source = str(root / "base" / "checkpoint.pt")
+    assert "not found" in fails(["--checkpoint", source, "--add", str(tmp_path / "none.png")], capsys)
+    assert "not in the index" in fails(["--checkpoint", source, "--remove", "999", "--out", str(tmp_path)], capsys)
+    assert "being changed" in fails(["--checkpoint", source, "--remove", ckpt["ids"][0],
+                                     "--out", str(root / "base")], capsys)
+    assert "already indexed" in fails(["--checkpoint", source, "--add", loose[0], loose[0],
+                                       "--out", str(tmp_path / "twice")], capsys)
+    full = dict(ckpt)                         # class c's block ends in c9: its 1-digit counter is full
+    cls = ckpt["idb_classes"][0]
+    full["ids"] = [f"{cls}9" if i == 0 else id_str for i, id_str in enumerate(ckpt["ids"])]
+    torch.save(full, tmp_path / "full.pt")
+    folder = tmp_path / "add" / ckpt["class_names"][cls]
+    folder.mkdir(parents=True)
+    Image.open(loose[0]).save(folder / "x.png")
+    assert "is full" in fails(["--checkpoint", str(tmp_path / "full.pt"), "--add", str(tmp_path / "add"),
+                               "--out", str(tmp_path / "o")], capsys)
+    # --overwrite replaces the checkpoint in place, as asked
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    torch.save(ckpt, copy / "checkpoint.pt")
+    assert train.main(["--checkpoint", str(copy / "checkpoint.pt"), "--remove", ckpt["ids"][0],
+                       "--out", str(copy), "--overwrite", "--quiet"]) == 0
+    assert torch.load(copy / "checkpoint.pt", weights_only=True)["removed"] == [ckpt["ids"][0]]
+
+
+def test_grow_experiment_runs_its_steps(base):
+    root, _, _ = base
+    rows = benchmark.grow_in_steps(str(root / "base"), 2, ["--threads", "1"])
+    assert [r["step"] for r in rows] == [1, 2] and [r["added"] for r in rows] == [4, 4]
+    assert rows[-1]["indexed"] == 32 and all(r["new IA@1"] >= 0.98 for r in rows)
+    assert all(0.0 <= r["test P@10"] <= 1.0 and 0.0 <= r["test MAP@10"] <= 1.0 for r in rows)
