@@ -273,7 +273,8 @@ def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]
         additions = grow.Additions(imageset.images[chosen], [imageset.refs[i] for i in chosen],
                                    [int(imageset.primary[i]) for i in chosen])
         t0 = time.perf_counter()
-        ckpt, report = grow.add_to_index(model, ckpt, additions, old, settings, device, log)
+        ckpt, report = grow.add_to_index(model, ckpt, additions, grow.Replay(old, train.live_ids(ckpt)), settings,
+                                         device, log)
         rows.append({"run": f"75 % + 25 % in {steps} step{'s' if steps > 1 else ''}", "step": k,
                      "indexed": len(train.live_ids(ckpt)), "added": report["added"], "epochs": report["epochs"],
                      "train s": report["seconds"], "wall s": round(time.perf_counter() - t0, 1),

@@ -152,44 +152,81 @@ def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSetti
                         epochs=a.add_epochs, target=a.index_target_acc, beam=a.beam, seed=a.seed)
 
 
+@dataclass
+class Replay:
+    """What an addition rehearses besides the new images: the old index, and a fine-tuned run's queries."""
+    images: torch.Tensor                        # (n_old, 3, S, S) uint8: the images of `ids`
+    ids: list[str]                              # the old IDs still decodable (train.live_ids), in order
+    queries: torch.Tensor | None = None         # (n_q, 3, S, S) uint8: training queries of a fine-tuned run
+    relevant: list[list[int]] | None = None     # per query, positions in `ids` of its relevant old images
+
+
+def addition_pool(new_images: torch.Tensor, ids_new: list[str], replay: Replay, augment: bool,
+                  gen: torch.Generator) -> train.Pool:
+    """The pool an addition trains on: new images, old images (each with its own ID), then training
+    queries, each with one of its relevant IDs drawn at every step and shown augmented when the recipe's
+    retrieval phase did so, as in that phase."""
+    n_fixed = len(ids_new) + len(replay.ids)
+    tokens = data.ids_to_tensor(ids_new + replay.ids)                               # (n_fixed, L)
+    queries = replay.queries if replay.queries is not None else new_images[:0]
+    relevant = replay.relevant or []
+
+    def targets(idx: torch.Tensor) -> torch.Tensor:                                # (B,) -> (B, 1, L)
+        rows = [i if i < n_fixed else len(ids_new) + relevant[i - n_fixed][
+                int(torch.randint(len(relevant[i - n_fixed]), (1,), generator=gen))] for i in idx.tolist()]
+        return tokens[torch.tensor(rows)].unsqueeze(1)
+
+    augmented = (torch.arange(n_fixed + len(queries)) >= n_fixed) & augment
+    return train.Pool(torch.cat([new_images, replay.images, queries]), targets, augmented)
+
+
+def replay_order(n_new: int, n_old: int, n_q: int, n_replay: int, gen: torch.Generator) -> torch.Tensor:
+    """One epoch's pool indices: every new image, and `n_replay` old pairs spread evenly over the old
+    images (and, for a fine-tuned run, half of them over its training queries), shuffled."""
+    n_from_queries = n_replay // 2 if n_q else 0
+    parts = [torch.arange(n_new), n_new + train.spread(n_replay - n_from_queries, n_old, gen)]
+    if n_q:   # a checkpoint always keeps an old ID (n_old >= 1); a zero-shot run has no queries to replay
+        parts.append(n_new + n_old + train.spread(n_from_queries, n_q, gen))
+    order = torch.cat(parts)
+    return order[torch.randperm(len(order), generator=gen)]
+
+
 def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
-                    old: tuple[torch.Tensor, list[str]], trie: IDTrie, s: GrowSettings,
-                    log: train.Log) -> dict:
-    """Teach the model the new (image, ID) pairs, mixed with old ones so that it keeps them (rehearsal, as in
-    the retrieval phase, Tay et al. §4.4). `new` and `old` are uint8 images (n, 3, S, S) with their IDs; the
-    pool is the new images, then the old ones. Like `train.index`, the cheap teacher-forced exact match of
-    the new images gates the beam-search IA@1 check that ends training. Returns epochs, seconds, new IA@1."""
-    (new_images, ids_new), (old_images, ids_old) = new, old
-    n_new, n_old = len(ids_new), len(ids_old)
+                    replay: Replay, trie: IDTrie, s: GrowSettings, log: train.Log) -> dict:
+    """Teach the model the new (image, ID) pairs, mixed with old pairs so that it keeps them (rehearsal, as in
+    the retrieval phase, Tay et al. §4.4). `new` = uint8 images (n, 3, S, S) and their IDs. Like
+    `train.index`, the cheap teacher-forced exact match of the new images gates the beam-search IA@1 check
+    that ends training. Returns epochs, seconds, the new images' IA@1 and the optimizer."""
+    (new_images, ids_new), n_old = new, len(replay.ids)
+    n_q = len(replay.queries) if replay.queries is not None else 0
     # A handful of new images alone would be a few steps on a few IDs, free to overwrite anything:
     # the replay share also fills the epoch's batch, so every step mostly rehearses the old index.
-    n_replay = max(round(s.replay * n_new), recipe.batch_size - n_new) if n_old and s.replay else 0
-    targets = data.ids_to_tensor(ids_new + ids_old)                             # (n_new + n_old, L)
-    pool = train.Pool(torch.cat([new_images, old_images]), lambda idx: targets[idx].unsqueeze(1),
-                      torch.zeros(n_new + n_old, dtype=torch.bool))
+    n_replay = max(round(s.replay * len(ids_new)), recipe.batch_size - len(ids_new)) if n_old and s.replay else 0
+    gen = torch.Generator().manual_seed(s.seed)
+    pool = addition_pool(new_images, ids_new, replay, recipe.augment, gen)
+    new_targets = data.ids_to_tensor(ids_new).unsqueeze(1)                      # (n_new, 1, L)
     optimizer = train.make_optimizer(model, recipe, s.lr)
-    steps = math.ceil((n_new + n_replay) / recipe.batch_size)
+    steps = math.ceil((len(ids_new) + n_replay) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(recipe, steps, s.epochs))
     bf16 = train.use_bf16(recipe.precision, device)
-    trainer = train.Trainer(model, optimizer, scheduler, device, bf16)
+    trainer = train.Trainer(model, optimizer, scheduler, device, bf16,
+                            augment_gen=torch.Generator().manual_seed(s.seed + 1))
     if recipe.index_dropout is not None:
         set_dropout(model, recipe.index_dropout)
-    gen = torch.Generator().manual_seed(s.seed)
     epoch, new_ia, t_start = 0, 0.0, time.perf_counter()
     while epoch < s.epochs and new_ia < s.target:
         epoch += 1
         t0 = time.perf_counter()
-        order = torch.cat([torch.arange(n_new), n_new + train.spread(n_replay, n_old, gen)])
-        loss, acc, _ = train.run_epoch(trainer, pool, order[torch.randperm(len(order), generator=gen)],
-                                       recipe.batch_size)
-        _, new_acc = train.eval_loss(model, new_images, targets[:n_new].unsqueeze(1), 2 * recipe.batch_size,
-                                     device, bf16)
-        if new_acc >= s.target or epoch == s.epochs:
+        order = replay_order(len(ids_new), n_old, n_q, n_replay, gen)
+        loss, acc, _ = train.run_epoch(trainer, pool, order, recipe.batch_size)
+        _, new_acc = train.eval_loss(model, new_images, new_targets, 2 * recipe.batch_size, device, bf16)
+        check = new_acc >= s.target or epoch == s.epochs
+        if check:
             ranked, _ = train.rank_dsi(model, new_images, trie, 1, s.beam, device)
             new_ia = metrics.indexing_accuracy(ranked, ids_new, 1)
         log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  "
             f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
-            + (f"  new IA@1 {new_ia:.3f}" if new_acc >= s.target or epoch == s.epochs else ""))
+            + (f"  new IA@1 {new_ia:.3f}" if check else ""))
     set_dropout(model, model.config.dropout)
     return {"epochs": epoch, "seconds": time.perf_counter() - t_start, "new_ia": new_ia, "optimizer": optimizer}
 
@@ -203,36 +240,43 @@ def ia_at_1(model: ViTDSI, images: torch.Tensor, ids: list[str], trie: IDTrie, s
     return metrics.indexing_accuracy(ranked, ids, 1)
 
 
-def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, old_images: torch.Tensor, s: GrowSettings,
-                 device: torch.device, log: train.Log) -> tuple[dict, dict]:
-    """Index `additions` into the model of checkpoint `ckpt` (in place) and return the grown checkpoint
-    and the report. `old_images` (n, 3, S, S) uint8 are the images of `train.live_ids(ckpt)`, in order."""
-    recipe = train.recipe_from_args(argparse.Namespace(**ckpt["args"]))
-    model.to(device)
-    old_ids = train.live_ids(ckpt)
-    trie_before = IDTrie(old_ids)
-    new_images = data.images_to_tensor(additions.images)
+def decoded_ids(model: ViTDSI, ckpt: dict, additions: Additions, new_images: torch.Tensor, s: GrowSettings,
+                device: torch.device) -> tuple[list[str], list[int]]:
+    """The new images' IDs and classes (`new_ids`), after decoding, for those whose block the scheme takes
+    from the model (semantic; clustered of unknown class), the nearest existing ID, as the model sees it."""
     nearest: list[str | None] = [None] * len(additions.refs)
     decode = [j for j, c in enumerate(additions.classes)
               if ckpt["ids_scheme"] == "semantic" or (ckpt["ids_scheme"] == "clustered" and c < 0)]
-    if decode:   # the nearest existing cluster, as the model sees the image
-        ranked, _ = train.rank_dsi(model, new_images[torch.as_tensor(decode)], trie_before, 1,
+    if decode:
+        ranked, _ = train.rank_dsi(model, new_images[torch.as_tensor(decode)], IDTrie(train.live_ids(ckpt)), 1,
                                    s.beam, device)
         for j, hyps in zip(decode, ranked):
             nearest[j] = hyps[0]
-    ids, classes = new_ids(ckpt, additions.classes, nearest)
+    return new_ids(ckpt, additions.classes, nearest)
+
+
+def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, replay: Replay, s: GrowSettings,
+                 device: torch.device, log: train.Log) -> tuple[dict, dict]:
+    """Index `additions` into the model of checkpoint `ckpt` (in place), rehearsing `replay` (whose `ids`
+    are `train.live_ids(ckpt)`), and return the grown checkpoint and the report."""
+    recipe = train.recipe_from_args(argparse.Namespace(**ckpt["args"]))
+    model.to(device)
+    new_images = data.images_to_tensor(additions.images)
+    ids, classes = decoded_ids(model, ckpt, additions, new_images, s, device)
     grown = {**ckpt, "ids": ckpt["ids"] + ids, "idb_refs": ckpt["idb_refs"] + additions.refs,
              "idb_classes": ckpt["idb_classes"] + classes}
-    trie = IDTrie(train.live_ids(grown))
+    trie_before, trie = IDTrie(replay.ids), IDTrie(train.live_ids(grown))
     shown = ", ".join(ids[:8]) + (", ..." if len(ids) > 8 else "")
-    log(f"add: {len(ids)} images -> IDs {shown} ({ckpt['ids_scheme']}), replaying {s.replay:g} old "
-        f"IDB images per new one ({len(old_ids)} indexed), lr {s.lr:g}, up to {s.epochs} epochs")
-    old_before = ia_at_1(model, old_images, old_ids, trie_before, s, device)
-    learned = learn_additions(model, recipe, device, (new_images, ids), (old_images, old_ids), trie, s, log)
-    old_after = ia_at_1(model, old_images, old_ids, trie, s, device)
+    n_q = len(replay.queries) if replay.queries is not None else 0
+    log(f"add: {len(ids)} images -> IDs {shown} ({ckpt['ids_scheme']}), replaying {s.replay:g} old pairs per new "
+        f"image from {len(replay.ids)} indexed images" + (f" and {n_q} training queries" if n_q else "")
+        + f", lr {s.lr:g}, up to {s.epochs} epochs")
+    old_before = ia_at_1(model, replay.images, replay.ids, trie_before, s, device)
+    learned = learn_additions(model, recipe, device, (new_images, ids), replay, trie, s, log)
+    old_after = ia_at_1(model, replay.images, replay.ids, trie, s, device)
     report = {"added": len(ids), "new_ids": ids, "new_IA@1": learned["new_ia"], "old_IA@1_before": old_before,
               "old_IA@1": old_after, "epochs": learned["epochs"], "seconds": round(learned["seconds"], 2),
-              "replay": s.replay, "lr": s.lr, "old_images": len(old_ids)}
+              "replay": s.replay, "lr": s.lr, "old_images": len(replay.ids), "replayed_queries": n_q}
     log(f"add: {learned['epochs']} epochs in {train.fmt_seconds(learned['seconds'])}; new images IA@1 "
         f"{learned['new_ia']:.3f}; old images IA@1 {old_before:.3f} -> {old_after:.3f}")
     grown.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -309,6 +353,27 @@ def write_report(out: str, report: dict, source: str) -> None:
     train.atomic_write(os.path.join(out, "results.md"), lambda f: f.write(table), text=True)
 
 
+def old_replay(ckpt: dict, image_size: int, log: train.Log) -> Replay:
+    """The old index, read back from its references, and, when the run was fine-tuned, its training
+    queries with their relevant old IDs (same class), rebuilt from the run's stored arguments."""
+    run = argparse.Namespace(**ckpt["args"])
+    live = train.live_ids(ckpt)
+    ref_of, class_of = dict(zip(ckpt["ids"], ckpt["idb_refs"])), dict(zip(ckpt["ids"], ckpt["idb_classes"]))
+    images = data.images_to_tensor(data.read_refs([ref_of[i] for i in live], image_size, dataset=run.dataset,
+                                                  seed=run.seed, aspect_range=ckpt["aspect_range"]))
+    if run.no_finetune:
+        return Replay(images, live)
+    imageset, split = rebuild_run(ckpt, log)
+    position = {ref: i for i, ref in enumerate(imageset.refs)}
+    labels = [imageset.labels[position[ref_of[i]]] if ref_of[i] in position else frozenset([class_of[i]])
+              for i in live]
+    relevant = data.relevant_sets([imageset.labels[i] for i in split.train], labels, live)
+    keep = [k for k, r in enumerate(relevant) if r]
+    index_of = {id_str: j for j, id_str in enumerate(live)}
+    return Replay(images, live, data.images_to_tensor(imageset.images[split.train[keep]]),
+                  [sorted(index_of[i] for i in relevant[k]) for k in keep])
+
+
 def main(a: argparse.Namespace) -> int:
     """`train.py --checkpoint C --add PATH...` or `--remove ID...`: a new checkpoint under the output folder."""
     model, ckpt = train.load_checkpoint(a.checkpoint)
@@ -321,16 +386,9 @@ def main(a: argparse.Namespace) -> int:
     log = train.Log(os.path.join(out, "train.log"), quiet=a.quiet)
     log(f"vit-dsi: --checkpoint {a.checkpoint} --{'add' if a.add else 'remove'} -> {out}")
     if a.add:
-        run = argparse.Namespace(**ckpt["args"])
-        if not run.no_finetune:
-            log("note: this model was fine-tuned; --add replays its IDB images only, not its training queries")
-        live = set(train.live_ids(ckpt))
-        refs = [r for i, r in zip(ckpt["ids"], ckpt["idb_refs"]) if i in live]
-        old = data.images_to_tensor(data.read_refs(refs, model.config.image_size, dataset=run.dataset,
-                                                   seed=run.seed, aspect_range=ckpt["aspect_range"]))
-        device = train.pick_device(a.device)
-        settings = settings_from_args(a, train.recipe_from_args(run))
-        grown, report = add_to_index(model, ckpt, additions, old, settings, device, log)
+        replay = old_replay(ckpt, model.config.image_size, log)
+        settings = settings_from_args(a, train.recipe_from_args(argparse.Namespace(**ckpt["args"])))
+        grown, report = add_to_index(model, ckpt, additions, replay, settings, train.pick_device(a.device), log)
         write_report(out, report, a.checkpoint)
     else:
         log(f"remove: {len(a.remove)} IDs hidden from decoding; {len(train.live_ids(grown))} IDs remain")

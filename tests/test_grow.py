@@ -149,3 +149,18 @@ def test_grow_experiment_runs_its_steps(base):
     assert [r["step"] for r in rows] == [1, 2] and [r["added"] for r in rows] == [4, 4]
     assert rows[-1]["indexed"] == 32 and all(r["new IA@1"] >= 0.98 for r in rows)
     assert all(0.0 <= r["test P@10"] <= 1.0 and 0.0 <= r["test MAP@10"] <= 1.0 for r in rows)
+
+
+def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
+    root, ckpt, loose = base
+    tuned = {**ckpt, "args": {**ckpt["args"], "no_finetune": False}}   # as a fine-tuned run records itself
+    replay = grow.old_replay(tuned, 32, train.Log(quiet=True))
+    imageset, split = grow.rebuild_run(tuned, train.Log(quiet=True))
+    assert len(replay.queries) == len(split.train)                    # every training query has a relevant image
+    classes = dict(zip(ckpt["ids"], ckpt["idb_classes"]))
+    for q, relevant in zip(split.train, replay.relevant):           # each query's relevant old IDs: its class
+        assert {classes[replay.ids[j]] for j in relevant} == {int(imageset.primary[q])}
+    torch.save(tuned, tmp_path / "tuned.pt")
+    assert train.main(["--checkpoint", str(tmp_path / "tuned.pt"), "--add", loose[0], "--out", str(tmp_path / "o"),
+                       "--quiet", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["replayed_queries"] == len(split.train)
