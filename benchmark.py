@@ -334,7 +334,10 @@ def main() -> int:
     if a.latency:
         return latency_main(a)
     if a.grow:
-        return grow_main(a, extra)
+        try:
+            return grow_main(a, extra)
+        except (train.UsageError, data.DataError) as e:   # e.g. random IDs with no digit left for the additions
+            raise SystemExit(f"error: {e}") from None
     roots = ([] if a.no_synthetic else [None]) + ([a.data_root] if a.data_root else [])
     if not roots:
         p.error("--no-synthetic needs --data-root: nothing to run")

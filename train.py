@@ -712,7 +712,7 @@ class Cell:
     saver: ResumeSaver = field(default_factory=ResumeSaver)   # takes each completed epoch's state
     resumed: dict | None = None        # the saved state this run continues from, until its phase has used it
     finished: dict = field(default_factory=dict)   # results of finished steps: "bovw", "indexed", "zero_shot"
-    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # IDB images left out (--index-hold-out)
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # left out by --index-hold-out
 
     def relevant(self, positions: np.ndarray) -> list[set[str]]:
         """Relevant IDB IDs of the images at `positions` (same class; COCO: a shared category)."""

@@ -3,7 +3,6 @@ scheme, removed IDs are never decoded, and bad input exits 2 with one line. One 
 once (a quarter of its IDB held out, as benchmark.py --grow does), and everything is added to copies."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
