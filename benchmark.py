@@ -21,6 +21,8 @@ needs no training: the models are untrained and the database vectors random (sam
 IA@1, the old ones', and P@10 / MAP@10 of the run's test queries (same class = relevant); against indexing
 the whole IDB from scratch. Zero-shot models (`--no-finetune`): growth concerns the index, not retrieval.
 The two indexing runs are train.py processes; the steps run in this process on the checkpoint they wrote.
+`--reuse` takes those two runs from `--out` when they hold a finished run of the same flags (a changed
+addition flag, such as `--replay`, then costs only the additions).
 """
 
 import argparse
@@ -44,9 +46,11 @@ from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
 
 COLUMNS = ["data", "recipe", "seed", "wall s", "index epochs", "retrieval epochs run / kept",
            "zero-shot IA@1", "zero-shot P@10", "zero-shot MAP@10", "fine-tuned IA@1", "fine-tuned P@10",
-           "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE P@10", "DE MAP@10"]
+           "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE IA@1", "DE P@10", "DE MAP@10",
+           "retrieval phase s", "DE training s"]
 MEANS = ["wall s", "index epochs", "zero-shot IA@1", "zero-shot P@10", "zero-shot MAP@10", "fine-tuned IA@1",
-         "fine-tuned P@10", "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE P@10", "DE MAP@10"]
+         "fine-tuned P@10", "fine-tuned MAP@10", "fine-tuned / zero-shot P@10", "BoVW P@10", "BoVW MAP@10", "DE IA@1",
+         "DE P@10", "DE MAP@10", "retrieval phase s", "DE training s"]
 
 
 def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace, extra: list[str]) -> dict:
@@ -80,7 +84,8 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
             "fine-tuned IA@1": ft.get("IA@1"), "fine-tuned P@10": ft.get("P@10"),
             "fine-tuned MAP@10": ft.get("MAP@10"), "fine-tuned / zero-shot P@10": ratio,
             "BoVW P@10": bw.get("P@10"), "BoVW MAP@10": bw.get("MAP@10"),
-            "DE P@10": de.get("P@10"), "DE MAP@10": de.get("MAP@10")}
+            "DE IA@1": de.get("IA@1"), "DE P@10": de.get("P@10"), "DE MAP@10": de.get("MAP@10"),
+            "retrieval phase s": ft.get("retrieval_seconds"), "DE training s": de.get("train_seconds")}
 
 
 # Stopping rules replayed on a run's validation MAP@10 curve: stopping never changes the epochs before
@@ -132,7 +137,7 @@ def fmt(value, column: str = "") -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.1f}" if column in ("wall s", "index epochs", "train s") else f"{value:.3f}"
+        return f"{value:.1f}" if column.endswith(" s") or column in ("index epochs", "train s") else f"{value:.3f}"
     return str(value)
 
 
@@ -224,6 +229,21 @@ GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s"
                 "test P@10", "test MAP@10"]
 
 
+ADDITION_FLAGS = ("replay", "add_lr", "add_epochs", "overwrite")   # read by the additions, not by an index run
+
+
+def same_run(out: str, cmd: list[str]) -> bool:
+    """Whether `out` holds a finished train.py run with the arguments `cmd` gives (addition flags aside)."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            stored = json.load(f)["args"]
+    except (OSError, ValueError, KeyError):
+        return False
+    wanted = json.loads(json.dumps(vars(train.build_parser().parse_args(cmd[2:]))))
+    strip = lambda args: {k: v for k, v in args.items() if k not in ADDITION_FLAGS}  # noqa: E731
+    return strip(stored) == strip(wanted)
+
+
 def index_run(a: argparse.Namespace, seed: int, name: str, flags: list[str], extra: list[str]) -> tuple[str, dict]:
     """One zero-shot indexing run of train.py in its own process; its folder and its DSI row."""
     out = os.path.join(a.out, f"grow-{'imagenet' if a.data_root else 'synthetic'}-{a.db_size}-{a.ids}-s{seed}", name)
@@ -231,9 +251,12 @@ def index_run(a: argparse.Namespace, seed: int, name: str, flags: list[str], ext
            "--no-finetune", "--models", "dsi", "--out", out, "--quiet", *flags, *extra]
     if a.data_root:
         cmd += ["--dataset", "imagenet", "--data-root", a.data_root]
-    print(f"$ {' '.join(cmd)}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"error: train.py failed; see {out}/train.log")
+    if a.reuse and same_run(out, cmd):
+        print(f"reusing {out}: it holds a finished run of this command", flush=True)
+    else:
+        print(f"$ {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: train.py failed; see {out}/train.log")
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     row = next(r for r in results["rows"] if r["model"] == "ViT DSI")
@@ -330,6 +353,9 @@ def main() -> int:
     p.add_argument("--grow", action="store_true",
                    help="measure growing an index instead: 75 %% indexed, + 25 %% in 1 and in 5 steps, vs the whole "
                         "IDB from scratch (zero-shot; extra flags such as --replay go to train.py and to the steps)")
+    p.add_argument("--reuse", action="store_true",
+                   help="--grow: take the from-scratch and 75 %% index runs from --out when they hold a finished run "
+                        "of the same train.py flags, and train only the additions")
     a, extra = p.parse_known_args()
     if a.latency:
         return latency_main(a)

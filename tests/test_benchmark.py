@@ -17,3 +17,17 @@ def test_latency_row_times_every_search_and_the_dsi_does_not_grow():
         assert all(v > 0 for v in row.values()), row
     assert small["DSI MB"] == large["DSI MB"]                  # the index lives in the weights
     assert large["DE MB"] > small["DE MB"] and large["BoVW MB"] > small["BoVW MB"]
+
+
+def test_grow_reuses_only_a_finished_run_of_the_same_flags(tmp_path):
+    import json
+    import sys
+
+    import train
+    cmd = [sys.executable, "train.py", "--db-size", "64", "--no-finetune", "--out", str(tmp_path)]
+    assert not benchmark.same_run(str(tmp_path), cmd)                          # nothing there yet
+    args = vars(train.build_parser().parse_args(cmd[2:]))
+    (tmp_path / "results.json").write_text(json.dumps({"args": args}))
+    assert benchmark.same_run(str(tmp_path), cmd)
+    assert benchmark.same_run(str(tmp_path), cmd + ["--replay", "2"])         # an addition flag only
+    assert not benchmark.same_run(str(tmp_path), cmd + ["--lr", "1e-3"])      # another index run

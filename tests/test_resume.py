@@ -12,7 +12,7 @@ TINY = ["--db-size", "64", "--image-size", "32", "--patch-size", "16", "--dim", 
         "--depth", "1", "--heads", "2", "--bovw-k", "16", "--dropout", "0.1", "--index-epochs", "6",
         "--index-target-acc", "1.0", "--index-views", "1", "--retrieval-epochs", "4", "--patience", "10",
         "--precision", "fp32", "--save-every", "2", "--quiet", "--threads", "1"]
-TIMING = ("train_seconds", "query_ms", "index_seconds_per_epoch", "index_images_per_s")
+TIMING = ("train_seconds", "query_ms", "index_seconds_per_epoch", "index_images_per_s", "retrieval_seconds")
 
 
 def rows_without_timing(out) -> list[dict]:

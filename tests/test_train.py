@@ -35,7 +35,7 @@ def test_run_writes_every_output(tiny_run):
     assert not [p.name for p in tiny_run.iterdir() if p.name.endswith(".tmp")]   # every rename happened
     rows = json.loads((tiny_run / "results.json").read_text())["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == [("BoVW", "-"), ("ViT DSI", "zero-shot"),
-                                                         ("ViT DSI", "fine-tuned")]
+                                                         ("ViT DSI", "fine-tuned"), ("ViT dual encoder", "-")]
     n_test = data.split_sizes(64)[3]
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
@@ -64,7 +64,7 @@ def test_run_writes_every_output(tiny_run):
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):
     assert train.main(TINY + ["--out", str(tmp_path)]) == 0
-    timing = ("train_seconds", "query_ms", "index_seconds_per_epoch", "index_images_per_s")
+    timing = ("train_seconds", "query_ms", "index_seconds_per_epoch", "index_images_per_s", "retrieval_seconds")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     first = json.loads((tiny_run / "results.json").read_text())["rows"]
     second = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -125,7 +125,7 @@ def test_semantic_ids_with_mixing_and_augmentation(tmp_path):
                    "--retrieval-targets", "3", "--early-stop", "map", "--out", str(tmp_path)]
     assert train.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["ids"] for r in rows} == {"semantic"} and len(rows) == 3
+    assert {r["ids"] for r in rows} == {"semantic"} and len(rows) == 4
     assert rows[1]["IA@1"] == 1.0                                # the label-free IDs are memorised too
     log = (tmp_path / "train.log").read_text()
     assert "semantic IDs: hierarchical k-means" in log
@@ -140,9 +140,9 @@ def test_sweep_writes_one_combined_table(tmp_path):
                    "--out", str(tmp_path)]
     assert train.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    # BoVW does not depend on the ID scheme: one row per db size; one zero-shot DSI row per cell.
+    # The baselines do not read IDs: one BoVW and one DE row per db size; one zero-shot DSI row per cell.
     assert [(r["model"], r["ids"]) for r in rows] == [("BoVW", "clustered"), ("ViT DSI", "clustered"),
-                                                     ("ViT DSI", "random")]
+                                                     ("ViT dual encoder", "clustered"), ("ViT DSI", "random")]
     assert (tmp_path / "64-random" / "checkpoint.pt").exists()
     assert "| ViT DSI | zero-shot | 64 | random |" in (tmp_path / "results.md").read_text()
     # the recipe the run trained with is written down, one for every scheme; TINY's --retrieval-epochs 2 wins
