@@ -11,20 +11,12 @@ import benchmark
 import data
 import grow
 import train
+from test_badinput import fails    # exit 2, one line, no traceback
 from vitdsi import IDTrie
 
 TINY = ["--db-size", "128", "--image-size", "32", "--patch-size", "8", "--dim", "32", "--mlp-dim", "64",
         "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "300", "--lr", "3e-3",
         "--no-finetune", "--models", "dsi", "--quiet", "--threads", "1"]
-
-
-def fails(argv: list[str], capsys) -> str:
-    """train.main exits 2 with exactly one line on stderr and no traceback; that line."""
-    capsys.readouterr()
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
