@@ -217,11 +217,15 @@ _SHAPES = _unit_shapes()
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two random colours at least ~80 grey levels apart, so a texture survives grey conversion (SIFT)."""
-    first = rng.uniform(0, 255, 3)
-    shift = rng.uniform(80, 160) * (1 if first.mean() < 128 else -1)
-    second = np.clip(first + shift + rng.uniform(-40, 40, 3), 0, 255)
-    return first.astype(np.float32), second.astype(np.float32)
+    """The two colours of a texture: one random hue, once dark and once light, in random order. The hue varies
+    from object to object; the luminance contrast that draws the texture (what grey SIFT sees) does not. With a
+    free random colour per texture the ViT could not learn even the texture from a db-512 training set (RESULTS.md)."""
+    hue = rng.uniform(0.2, 1.0, 3)
+    hue /= hue.max()                                                   # (3,) RGB direction, brightest channel 1
+    dark = hue * rng.uniform(25, 75)
+    light = 255 - (1 - hue) * rng.uniform(0, 60) - rng.uniform(0, 40)
+    pair = (dark.astype(np.float32), light.astype(np.float32))
+    return pair if rng.random() < 0.5 else pair[::-1]
 
 
 def _draw_object(canvas: np.ndarray, cls: int, centre: np.ndarray, radius: float, rng: np.random.Generator) -> None:
