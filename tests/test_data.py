@@ -217,6 +217,19 @@ def test_synthetic_deterministic_and_seeded():
     assert first.images.std() > 20  # real pictures, not a flat field
 
 
+def test_synthetic_texture_colours_vary_in_hue_not_in_contrast():
+    """A texture's two colours: one hue, dark and light. The grey-level gap (what SIFT sees) stays wide in every
+    draw while the hue (the ratio of the channels) spreads, so colour never carries the pattern alone."""
+    rng = np.random.default_rng(0)
+    pairs = np.array([data._colour_pair(rng) for _ in range(500)])        # (500, 2, 3)
+    grey = pairs @ np.array([0.299, 0.587, 0.114])                         # (500, 2) luminance
+    assert (np.abs(grey[:, 0] - grey[:, 1]) > 100).all()
+    dark = np.where((grey[:, :1] < grey[:, 1:]), pairs[:, 0], pairs[:, 1])  # (500, 3) the dark colour of each pair
+    hue = dark / dark.max(axis=1, keepdims=True)
+    assert hue.min(axis=0).max() < 0.3 and (hue.std(axis=0) > 0.15).all()  # every channel ranges widely
+    assert 0.3 < (grey[:, 0] < grey[:, 1]).mean() < 0.7                    # either colour may be the dark one
+
+
 def test_synthetic_single_label_balanced_and_named():
     imageset = make_synthetic(100, 32, seed=0)
     assert np.bincount(imageset.primary).tolist() == [10] * 10
