@@ -140,6 +140,7 @@ def new_ids(ckpt: dict, classes: list[int], nearest: list[str | None]) -> tuple[
 class GrowSettings:
     """How an addition is trained (train.py flags --replay, --add-lr, --add-epochs, --index-target-acc)."""
     replay: float               # old IDB images per new image per epoch
+    replay_min: float           # ... and at least this share of the old index per epoch
     lr: float                   # peak learning rate
     epochs: int                 # epoch cap
     target: float               # stop once the new images' IA@1 reaches it
@@ -148,7 +149,7 @@ class GrowSettings:
 
 
 def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
-    return GrowSettings(replay=a.replay, lr=a.add_lr if a.add_lr is not None else recipe.lr / 2,
+    return GrowSettings(replay=a.replay, replay_min=a.replay_min, lr=a.add_lr if a.add_lr is not None else recipe.lr / 2,
                         epochs=a.add_epochs, target=a.index_target_acc, beam=a.beam, seed=a.seed)
 
 
@@ -201,9 +202,12 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
     seconds, the new and the old images' IA@1 and the optimizer."""
     (new_images, ids_new), n_old = new, len(replay.ids)
     n_q = len(replay.queries) if replay.queries is not None else 0
-    # A handful of new images alone would be a few steps on a few IDs, free to overwrite anything:
-    # the replay share also fills the epoch's batch, so every step mostly rehearses the old index.
-    n_replay = max(round(s.replay * len(ids_new)), recipe.batch_size - len(ids_new)) if n_old and s.replay else 0
+    # A handful of new images alone would be a few steps on a few IDs, free to overwrite anything: the
+    # replay also fills the epoch's batch, and rehearses at least `replay_min` of the old index, because a
+    # small addition knocks the old IDs down as far as a large one does and they recover at the rate they are
+    # rehearsed (`benchmark.py --grow`: 26 images with 2 replayed each took 34-57 epochs a step, 18-59 with 4).
+    n_replay = (max(round(s.replay * len(ids_new)), round(s.replay_min * n_old), recipe.batch_size - len(ids_new))
+                if n_old and s.replay else 0)
     gen = torch.Generator().manual_seed(s.seed)
     pool = addition_pool(new_images, ids_new, replay, recipe.augment, gen)
     new_targets = data.ids_to_tensor(ids_new).unsqueeze(1)                      # (n_new, 1, L)

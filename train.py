@@ -264,10 +264,13 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                         "model, without retraining it; writes a new checkpoint under --out")
     g.add_argument("--remove", nargs="+", metavar="ID",
                    help="IDs to hide from decoding (no training); writes a new checkpoint under --out")
-    g.add_argument("--replay", type=float, default=4.0,
-                   help="--add: old IDB images replayed per new image per epoch (and at least enough to fill one "
-                        "batch), drawn anew each epoch, so that learning the new IDs does not overwrite the old "
-                        "ones; 0 = none")
+    g.add_argument("--replay", type=float, default=2.0,
+                   help="--add: old IDB images replayed per new image per epoch (and at least --replay-min of the "
+                        "old index and enough to fill one batch), drawn anew each epoch, so that learning the new "
+                        "IDs does not overwrite the old ones; 0 = none")
+    g.add_argument("--replay-min", type=float, default=0.25,
+                   help="--add: share of the old index replayed per epoch at the least: a small addition disturbs "
+                        "the old IDs as much as a large one, and they recover only as fast as they are rehearsed")
     g.add_argument("--add-lr", type=float,
                    help="--add: peak learning rate (default: half the recipe's indexing lr: the model already "
                         "writes IDs, and a smaller step moves the old memories less)")
@@ -296,9 +299,9 @@ def check_args(a: argparse.Namespace) -> None:
     if a.checkpoint:
         if a.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
-        if a.replay < 0 or a.add_epochs < 1 or (a.add_lr is not None and a.add_lr <= 0):
-            raise UsageError(f"--replay must be 0 or more, --add-epochs and --add-lr positive; got "
-                             f"{a.replay}, {a.add_epochs}, {a.add_lr}")
+        if a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or (a.add_lr is not None and a.add_lr <= 0):
+            raise UsageError(f"--replay must be 0 or more, --replay-min in [0, 1], --add-epochs and --add-lr "
+                             f"positive; got {a.replay}, {a.replay_min}, {a.add_epochs}, {a.add_lr}")
         if not 0.0 < a.index_target_acc <= 1.0:
             raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
         return
