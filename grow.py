@@ -192,6 +192,16 @@ def replay_order(n_new: int, n_old: int, n_q: int, n_replay: int, gen: torch.Gen
     return order[torch.randperm(len(order), generator=gen)]
 
 
+def replay_count(n_new: int, n_old: int, s: GrowSettings, batch_size: int) -> int:
+    """Old pairs replayed per epoch: `replay` per new image, and at least `replay_min` of the old index, because
+    a small addition knocks the old IDs down about as far as a large one and they recover at the rate they are
+    rehearsed (RESULTS.md: 26 images with 2 replayed each took 34-57 epochs a step, with 4 18-59); and enough to
+    fill a batch, since a handful of new images alone would be a few steps free to overwrite anything."""
+    if not n_old or not s.replay:
+        return 0
+    return max(round(s.replay * n_new), round(s.replay_min * n_old), batch_size - n_new)
+
+
 def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
                     replay: Replay, trie: IDTrie, s: GrowSettings, log: train.Log) -> dict:
     """Teach the model the new (image, ID) pairs, mixed with old pairs so that it keeps them (rehearsal, as in
@@ -202,12 +212,7 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
     seconds, the new and the old images' IA@1 and the optimizer."""
     (new_images, ids_new), n_old = new, len(replay.ids)
     n_q = len(replay.queries) if replay.queries is not None else 0
-    # A handful of new images alone would be a few steps on a few IDs, free to overwrite anything: the
-    # replay also fills the epoch's batch, and rehearses at least `replay_min` of the old index, because a
-    # small addition knocks the old IDs down as far as a large one does and they recover at the rate they are
-    # rehearsed (`benchmark.py --grow`: 26 images with 2 replayed each took 34-57 epochs a step, 18-59 with 4).
-    n_replay = (max(round(s.replay * len(ids_new)), round(s.replay_min * n_old), recipe.batch_size - len(ids_new))
-                if n_old and s.replay else 0)
+    n_replay = replay_count(len(ids_new), n_old, s, recipe.batch_size)
     gen = torch.Generator().manual_seed(s.seed)
     pool = addition_pool(new_images, ids_new, replay, recipe.augment, gen)
     new_targets = data.ids_to_tensor(ids_new).unsqueeze(1)                      # (n_new, 1, L)

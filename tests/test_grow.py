@@ -155,3 +155,12 @@ def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
     assert train.main(["--checkpoint", str(tmp_path / "tuned.pt"), "--add", loose[0], "--out", str(tmp_path / "o"),
                        "--quiet", "--threads", "1"]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["replayed_queries"] == len(split.train)
+
+
+def test_replay_count_takes_the_largest_of_its_three_floors():
+    s = grow.GrowSettings(replay=2.0, replay_min=0.25, lr=1e-3, epochs=10, target=0.98)
+    assert grow.replay_count(128, 384, s, 32) == 256       # a large step: 2 per new image
+    assert grow.replay_count(26, 410, s, 32) == 102        # a small step: a quarter of the old index (102.5 -> 102)
+    assert grow.replay_count(4, 40, s, 32) == 28           # a handful: enough to fill one batch
+    assert grow.replay_count(26, 0, s, 32) == 0            # nothing old to replay
+    assert grow.replay_count(26, 410, grow.GrowSettings(0.0, 0.25, 1e-3, 10, 0.98), 32) == 0   # --replay 0: none
