@@ -12,8 +12,9 @@ This chapter adds images with the indexing phase's own machinery (train.py: `Poo
      prefix the model itself decodes for the image (its nearest cluster). semantic: the next free slot of
      the leaf cluster of the ID the model decodes for the image.
   2. `learn_additions`: train on the new images plus a replay sample of old IDB images (`--replay` per new
-     image, drawn anew each epoch), until the new images' IA@1 by constrained beam search reaches
-     `--index-target-acc`, or `--add-epochs` run out.
+     image and at least `--replay-min` of the old index, `replay_count`, drawn anew each epoch), until the
+     new and the old images' IA@1 by constrained beam search both reach `--index-target-acc`, or
+     `--add-epochs` run out.
   3. `add_to_index` reports the new images' IA@1 and the old ones' before and after, epochs and seconds.
 
 `--remove` only takes IDs out of the trie: decoding can no longer write them; nothing is trained.
