@@ -144,7 +144,7 @@ class GrowSettings:
     replay_min: float           # ... and at least this share of the old index per epoch
     lr: float                   # peak learning rate
     epochs: int                 # epoch cap
-    target: float               # stop once the new images' IA@1 reaches it
+    target: float               # stop once the new and the old images' IA@1 both reach it
     beam: int | None = None     # beam width of the IA@1 check (None: the list length)
     seed: int = 0               # batch order and the replay draw
 
@@ -196,8 +196,8 @@ def replay_order(n_new: int, n_old: int, n_q: int, n_replay: int, gen: torch.Gen
 def replay_count(n_new: int, n_old: int, s: GrowSettings, batch_size: int) -> int:
     """Old pairs replayed per epoch: `replay` per new image, and at least `replay_min` of the old index, because
     a small addition knocks the old IDs down about as far as a large one and they recover at the rate they are
-    rehearsed (RESULTS.md: 26 images with 2 replayed each took 34-57 epochs a step, with 4 18-59); and enough to
-    fill a batch, since a handful of new images alone would be a few steps free to overwrite anything."""
+    rehearsed (RESULTS.md, "Growing an index"); and enough to fill a batch, since a handful of new images alone
+    would be a few steps free to overwrite anything."""
     if not n_old or not s.replay:
         return 0
     return max(round(s.replay * n_new), round(s.replay_min * n_old), batch_size - n_new)
