@@ -30,6 +30,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -137,6 +138,10 @@ def new_ids(ckpt: dict, classes: list[int], nearest: list[str | None]) -> tuple[
 # Learning the new IDs, with replay of the old ones
 # --------------------------------------------------------------------------------------------
 
+SETTLE_FLOOR = 0.05  # the settling lr decays to this fraction of --add-lr
+GATE_SAMPLE = 128   # old images whose teacher-forced exact match must reach the target before all are checked
+
+
 @dataclass
 class GrowSettings:
     """How an addition is trained (train.py flags --replay, --add-lr, --add-epochs, --index-target-acc)."""
@@ -145,13 +150,14 @@ class GrowSettings:
     lr: float                   # peak learning rate
     epochs: int                 # epoch cap
     target: float               # stop once the new and the old images' IA@1 both reach it
+    settle: float = 0.0         # once the new IDs are learnt at epoch e, decay the lr over settle x e epochs; 0 = never
     beam: int | None = None     # beam width of the IA@1 check (None: the list length)
     seed: int = 0               # batch order and the replay draw
 
 
 def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
     return GrowSettings(replay=a.replay, replay_min=a.replay_min, lr=a.add_lr if a.add_lr is not None else recipe.lr / 2,
-                        epochs=a.add_epochs, target=a.index_target_acc, beam=a.beam, seed=a.seed)
+                        epochs=a.add_epochs, target=a.index_target_acc, settle=a.settle, beam=a.beam, seed=a.seed)
 
 
 @dataclass
@@ -203,23 +209,46 @@ def replay_count(n_new: int, n_old: int, s: GrowSettings, batch_size: int) -> in
     return max(round(s.replay * n_new), round(s.replay_min * n_old), batch_size - n_new)
 
 
+class SettlingSchedule:
+    """lr multiplier per optimiser step: the recipe's schedule (`base`) until `settle` is called; from then a
+    cosine from the multiplier reached down to SETTLE_FLOOR over the given number of steps, then the floor."""
+
+    def __init__(self, base: Callable[[int], float]):
+        self.base, self.start, self.top, self.length = base, None, 1.0, 1
+
+    def __call__(self, step: int) -> float:
+        if self.start is None:
+            return self.base(step)
+        t = min(1.0, (step - self.start) / self.length)
+        return SETTLE_FLOOR + (self.top - SETTLE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def settle(self, step: int, length: int) -> None:
+        """Start the decay at `step`, over `length` steps (only the first call counts)."""
+        if self.start is None:
+            self.start, self.top, self.length = step, self.base(step), max(1, length)
+
+
 def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
                     replay: Replay, trie: IDTrie, s: GrowSettings, log: train.Log) -> dict:
     """Teach the model the new (image, ID) pairs, mixed with old pairs so that it keeps them (rehearsal, as in
     the retrieval phase, Tay et al. §4.4). `new` = uint8 images (n, 3, S, S) and their IDs. Training ends when
     the new images' IA@1 AND the old images' IA@1 reach the target: a few new IDs are learnt in a few epochs,
     while the old ones they disturbed may still need the replay to settle. Like `train.index`, the cheap
-    teacher-forced exact match of the new images gates the beam-search checks of both. Returns epochs,
-    seconds, the new and the old images' IA@1 and the optimizer."""
+    teacher-forced exact match gates the beam-search checks: of the new images, and of a random sample of
+    the old ones (`GATE_SAMPLE`, drawn by a generator of its own, so the gate changes no step of training).
+    Returns epochs, seconds, the new and the old images' IA@1 and the optimizer."""
     (new_images, ids_new), n_old = new, len(replay.ids)
     n_q = len(replay.queries) if replay.queries is not None else 0
     n_replay = replay_count(len(ids_new), n_old, s, recipe.batch_size)
     gen = torch.Generator().manual_seed(s.seed)
     pool = addition_pool(new_images, ids_new, replay, recipe.augment, gen)
     new_targets = data.ids_to_tensor(ids_new).unsqueeze(1)                      # (n_new, 1, L)
+    old_targets = data.ids_to_tensor(replay.ids).unsqueeze(1) if n_old else None  # (n_old, 1, L)
+    gate_gen = torch.Generator().manual_seed(s.seed + 2)
     optimizer = train.make_optimizer(model, recipe, s.lr)
     steps = math.ceil((len(ids_new) + n_replay) / recipe.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(recipe, steps, s.epochs))
+    schedule = SettlingSchedule(train.lr_lambda(recipe, steps, s.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     bf16 = train.use_bf16(recipe.precision, device)
     trainer = train.Trainer(model, optimizer, scheduler, device, bf16,
                             augment_gen=torch.Generator().manual_seed(s.seed + 1))
@@ -232,11 +261,19 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
         order = replay_order(len(ids_new), n_old, n_q, n_replay, gen)
         loss, acc, _ = train.run_epoch(trainer, pool, order, recipe.batch_size)
         _, new_acc = train.eval_loss(model, new_images, new_targets, 2 * recipe.batch_size, device, bf16)
-        check = new_acc >= s.target or epoch == s.epochs
+        old_acc = 1.0
+        if n_old and new_acc >= s.target:   # the new IDs first: until they are learnt, no check is due
+            sample = torch.randperm(n_old, generator=gate_gen)[:GATE_SAMPLE]
+            _, old_acc = train.eval_loss(model, replay.images[sample], old_targets[sample], 2 * recipe.batch_size,
+                                         device, bf16)
+        if s.settle and new_acc >= s.target:   # the new IDs are learnt: let the lr settle so the old ones recover
+            schedule.settle(epoch * steps, round(s.settle * epoch * steps))
+        check = min(new_acc, old_acc) >= s.target or epoch == s.epochs
         if check:
             new_ia = ia_at_1(model, new_images, ids_new, trie, s, device)
             old_ia = ia_at_1(model, replay.images, replay.ids, trie, s, device) if n_old else 1.0
-        log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  "
+        gated = f"old acc {old_acc:.3f}  " if n_old and new_acc >= s.target else ""
+        log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  {gated}"
             f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
             + (f"  new IA@1 {new_ia:.3f}  old IA@1 {old_ia:.3f}" if check else ""))
     set_dropout(model, model.config.dropout)

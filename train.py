@@ -277,6 +277,9 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--add-epochs", type=int, default=100,
                    help="--add: epoch cap; training stops earlier once the new and the old images' IA@1 "
                         "both reach --index-target-acc")
+    g.add_argument("--settle", type=float, default=1.0,
+                   help="--add: once the new images are learnt at epoch e, decay the lr to a twentieth over "
+                        "settle x e more epochs, so the old IDs they disturbed recover; 0 = keep the recipe's schedule")
     g.add_argument("--overwrite", action="store_true",
                    help="--add/--remove: allow --out to be the folder of an existing checkpoint.pt (also the "
                         "one being grown), which is then replaced")
@@ -299,9 +302,10 @@ def check_args(a: argparse.Namespace) -> None:
     if a.checkpoint:
         if a.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
-        if a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or (a.add_lr is not None and a.add_lr <= 0):
-            raise UsageError(f"--replay must be 0 or more, --replay-min in [0, 1], --add-epochs and --add-lr "
-                             f"positive; got {a.replay}, {a.replay_min}, {a.add_epochs}, {a.add_lr}")
+        if (a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or a.settle < 0
+                or (a.add_lr is not None and a.add_lr <= 0)):
+            raise UsageError(f"--replay and --settle must be 0 or more, --replay-min in [0, 1], --add-epochs and "
+                             f"--add-lr positive; got {a.replay}, {a.settle}, {a.replay_min}, {a.add_epochs}, {a.add_lr}")
         if not 0.0 < a.index_target_acc <= 1.0:
             raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
         return

@@ -164,3 +164,32 @@ def test_replay_count_takes_the_largest_of_its_three_floors():
     assert grow.replay_count(4, 40, s, 32) == 28           # a handful: enough to fill one batch
     assert grow.replay_count(26, 0, s, 32) == 0            # nothing old to replay
     assert grow.replay_count(26, 410, grow.GrowSettings(0.0, 0.25, 1e-3, 10, 0.98), 32) == 0   # --replay 0: none
+
+
+def test_settling_schedule_decays_from_where_it_is_to_the_floor():
+    schedule = grow.SettlingSchedule(lambda step: 0.8)      # the recipe's multiplier, whatever its shape
+    assert schedule(5) == 0.8
+    schedule.settle(10, 4)                                  # from step 10 over 4 steps: a half cosine
+    assert schedule(10) == pytest.approx(0.8)
+    assert schedule(12) == pytest.approx(grow.SETTLE_FLOOR + (0.8 - grow.SETTLE_FLOOR) / 2)
+    assert schedule(14) == schedule(99) == pytest.approx(grow.SETTLE_FLOOR)
+    schedule.settle(20, 100)                                # a second call changes nothing
+    assert schedule(12) == pytest.approx(grow.SETTLE_FLOOR + (0.8 - grow.SETTLE_FLOOR) / 2)
+
+
+def test_the_beam_search_check_runs_only_once_the_teacher_forced_gate_passes(monkeypatch):
+    """The scripted teacher-forced accuracies: new images 0.5 (epoch 1), then 1.0; the old sample 0.9
+    (epoch 2), then 1.0. So the full check (`ia_at_1`) runs from epoch 3 on, and training stops there."""
+    torch.manual_seed(0)
+    config = train.ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=1, heads=2, max_len=5)
+    model, recipe = train.ViTDSI(config), train.RECIPES["fast"]
+    images = torch.randint(0, 255, (12, 3, 16, 16), dtype=torch.uint8)
+    ids = [f"{i:03d}" for i in range(12)]
+    gate = iter([0.5, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])        # new, (old sample once new passes), ...
+    monkeypatch.setattr(train, "eval_loss", lambda *args: (0.0, next(gate)))
+    checks = []
+    monkeypatch.setattr(grow, "ia_at_1", lambda model, images, ids, *rest: checks.append(len(ids)) or 1.0)
+    s = grow.GrowSettings(replay=2.0, replay_min=0.25, lr=1e-3, epochs=10, target=0.98, settle=1.0)
+    out = grow.learn_additions(model, recipe, torch.device("cpu"), (images[:4], ids[:4]),
+                               grow.Replay(images[4:], ids[4:]), IDTrie(ids), s, train.Log(quiet=True))
+    assert out["epochs"] == 3 and checks == [4, 8]          # one check of the new and one of the old images
