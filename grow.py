@@ -14,7 +14,10 @@ This chapter adds images with the indexing phase's own machinery (train.py: `Poo
   2. `learn_additions`: train on the new images plus a replay sample of old IDB images (`--replay` per new
      image and at least `--replay-min` of the old index, `replay_count`, drawn anew each epoch), until the
      new and the old images' IA@1 by constrained beam search both reach `--index-target-acc`, or
-     `--add-epochs` run out.
+     `--add-epochs` run out. Once the new images are learnt (after e epochs), the lr settles: it decays over
+     `--settle` x e more epochs (`SettlingSchedule`), since the old IDs recover only when the steps get small.
+     A beam-search check of every old image costs more than an epoch of a small addition, so it runs only
+     when a cheap teacher-forced check of the new images and of 128 old ones passes.
   3. `add_to_index` reports the new images' IA@1 and the old ones' before and after, epochs and seconds.
 
 `--remove` only takes IDs out of the trie: decoding can no longer write them; nothing is trained.
