@@ -111,6 +111,8 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
     root, ckpt, loose = base
     source = str(root / "base" / "checkpoint.pt")
     assert "not found" in fails(["--checkpoint", source, "--add", str(tmp_path / "none.png")], capsys)
+    for flag, value in (("--settle", "-1"), ("--replay", "-2"), ("--replay-min", "1.5"), ("--add-epochs", "0")):
+        assert "must be 0 or more" in fails(["--checkpoint", source, "--add", loose[0], flag, value], capsys)
     assert "not in the index" in fails(["--checkpoint", source, "--remove", "999", "--out", str(tmp_path)], capsys)
     assert "being changed" in fails(["--checkpoint", source, "--remove", ckpt["ids"][0],
                                      "--out", str(root / "base")], capsys)
