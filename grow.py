@@ -147,7 +147,8 @@ GATE_SAMPLE = 128   # old images whose teacher-forced exact match must reach the
 
 @dataclass
 class GrowSettings:
-    """How an addition is trained (train.py flags --replay, --add-lr, --add-epochs, --index-target-acc)."""
+    """How an addition is trained (train.py flags --replay, --replay-min, --add-lr, --add-epochs, --index-target-acc,
+    --settle)."""
     replay: float               # old IDB images per new image per epoch
     replay_min: float           # ... and at least this share of the old index per epoch
     lr: float                   # peak learning rate
