@@ -229,7 +229,8 @@ GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s"
                 "test P@10", "test MAP@10"]
 
 
-ADDITION_FLAGS = ("replay", "replay_min", "settle", "add_lr", "add_epochs", "overwrite")   # read by the additions, not by an index run
+# read by the additions, not by an index run
+ADDITION_FLAGS = ("replay", "replay_min", "settle", "add_lr", "add_epochs", "overwrite")
 
 
 def same_run(out: str, cmd: list[str]) -> bool:

@@ -305,7 +305,8 @@ def check_args(a: argparse.Namespace) -> None:
         if (a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or a.settle < 0
                 or (a.add_lr is not None and a.add_lr <= 0)):
             raise UsageError(f"--replay and --settle must be 0 or more, --replay-min in [0, 1], --add-epochs and "
-                             f"--add-lr positive; got {a.replay}, {a.settle}, {a.replay_min}, {a.add_epochs}, {a.add_lr}")
+                             f"--add-lr positive; got {a.replay}, {a.settle}, {a.replay_min}, {a.add_epochs}, "
+                             f"{a.add_lr}")
         if not 0.0 < a.index_target_acc <= 1.0:
             raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
         return
@@ -378,9 +379,13 @@ def lr_lambda(recipe: Recipe, steps_per_epoch: int, epochs: int) -> Callable[[in
             return (step + 1) / warm
         if recipe.schedule == "constant":
             return 1.0
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return recipe.lr_floor + (1 - recipe.lr_floor) * 0.5 * (1 + math.cos(math.pi * t))
+        return half_cosine(min(1.0, (step - warm) / max(1, total - warm)), 1.0, recipe.lr_floor)
     return f
+
+
+def half_cosine(t: float, top: float, floor: float) -> float:
+    """A half cosine from `top` at t = 0 down to `floor` at t = 1 (Loshchilov & Hutter 2017's annealing)."""
+    return floor + (top - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:

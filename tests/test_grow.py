@@ -195,3 +195,7 @@ def test_the_beam_search_check_runs_only_once_the_teacher_forced_gate_passes(mon
     out = grow.learn_additions(model, recipe, torch.device("cpu"), (images[:4], ids[:4]),
                                grow.Replay(images[4:], ids[4:]), IDTrie(ids), s, train.Log(quiet=True))
     assert out["epochs"] == 3 and checks == [4, 8]          # one check of the new and one of the old images
+    # One step an epoch (4 new + 28 replayed = 32), warm-up 3 steps: the multiplier is 1.0 after epoch 2, when the
+    # new IDs are learnt; settling over 2 x 1 steps, epoch 3 ends half way down: 0.05 + 0.95 / 2 of the lr.
+    halfway = grow.SETTLE_FLOOR + (1 - grow.SETTLE_FLOOR) / 2
+    assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3 * halfway)
