@@ -261,8 +261,8 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
     bf16 = train.use_bf16(recipe.precision, device)
     trainer = train.Trainer(model, optimizer, scheduler, device, bf16,
                             augment_gen=torch.Generator().manual_seed(s.seed + 1))
-    if recipe.index_dropout is not None:
-        set_dropout(model, recipe.index_dropout)
+    set_dropout(model, model.config.dropout if recipe.index_dropout is None else recipe.index_dropout,
+                recipe.dropout_draw)
     epoch, new_ia, old_ia, t_start = 0, 0.0, 0.0, time.perf_counter()
     while epoch < s.epochs and min(new_ia, old_ia) < s.target:   # both are measured on the same epoch
         epoch += 1

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 import bovw
 import data
 import metrics
-from vitdsi import IDTrie, ViTDSI, ViTDSIConfig, set_dropout
+from vitdsi import DROPOUT_DRAWS, IDTrie, ViTDSI, ViTDSIConfig, set_dropout
 from de import DualEncoder, info_nce, rank_cosine
 
 RANK_DEPTH = 100  # longest ranked list we score: Recall@100 (paper §3.1)
@@ -82,17 +82,20 @@ class Recipe:
     augment: bool            # retrieval phase: random crops/flips/jitter of the query images
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
     retrieval_targets: int   # retrieval phase: relevant IDs drawn per query per step (one encoder pass)
+    dropout_draw: str        # how dropout masks are drawn (vitdsi.dropout): "torch" per element, "words" 15 bits each
 
 
 RECIPES = {
     "paper": Recipe(optimizer="adam", lr=5e-4, weight_decay=0.0, batch_size=32, warmup_epochs=0,
                     schedule="constant", lr_floor=1.0, precision="fp32", index_epochs=1000, index_dropout=None,
                     index_views=0.0, retrieval_epochs=75, retrieval_lr=5e-4, early_stop="loss", patience=10,
-                    min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1),
+                    min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1,
+                    dropout_draw="torch"),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, precision="auto", index_epochs=150, index_dropout=0.0,
                    index_views=0.0, retrieval_epochs=30, retrieval_lr=2e-3, early_stop="map", patience=0,
-                   min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8),
+                   min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8,
+                   dropout_draw="words"),
 }
 
 RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's value
@@ -110,6 +113,8 @@ RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's v
     "augment": "retrieval phase: augmented views of the query images",
     "label_smoothing": "retrieval phase label smoothing",
     "retrieval_targets": "retrieval phase: relevant IDs trained per query per step, sharing one encoder pass",
+    "dropout_draw": "how dropout masks are drawn: torch = F.dropout, one random number per element; words = 15 "
+                    "random bits per element cut from 64-bit words, a quarter of the generator calls (faster on CPUs)",
     "precision": "arithmetic of training and decoding: auto = bf16 autocast on hardware with bf16 units "
                  "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32; numbers then differ between such machines",
 }
@@ -222,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(flag, choices=["loss", "map"], help=help_text)
         elif f.name == "precision":
             g.add_argument(flag, choices=["auto", "fp32", "bf16"], help=help_text)
+        elif f.name == "dropout_draw":
+            g.add_argument(flag, choices=list(DROPOUT_DRAWS), help=help_text)
         else:
             kind = int if f.type in (int, "int") else float
             g.add_argument(flag, type=kind, help=help_text)
@@ -1017,6 +1024,7 @@ def run_dual_encoder(cell: Cell) -> dict:
     metrics of the test queries by exact cosine ranking of the IDB embeddings."""
     torch.manual_seed(cell.a.seed + 3)   # its own initialisation
     model = DualEncoder(model_config(cell.a, max_len=2)).to(cell.device)
+    set_dropout(model, model.config.dropout, cell.recipe.dropout_draw)
     trained = train_dual_encoder(cell, model)
     t0 = time.perf_counter()
     database = embed(model, cell.images[torch.as_tensor(cell.split.idb)], cell)
@@ -1070,6 +1078,7 @@ def run_dsi(cell: Cell, out: str) -> list[dict]:
     db_size, ids_scheme, rows = cell.db_size, cell.ids, []
     config = model_config(a, max_len=max(map(len, idb_ids)) + 2)             # BOS, digits, EOS
     model = ViTDSI(config).to(cell.device)
+    set_dropout(model, config.dropout, cell.recipe.dropout_draw)
     log(f"ViT DSI: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{(a.image_size // a.patch_size) ** 2} patches, recipe '{a.recipe}' ({'bf16' if cell.bf16 else 'fp32'}), "
         f"device {cell.device.type}")

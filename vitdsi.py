@@ -68,8 +68,41 @@ def causal_mask(L: int, device: torch.device | str | None = None) -> torch.Tenso
     return torch.ones(L, L, dtype=torch.bool, device=device).tril()
 
 
+DROPOUT_DRAWS = ("words", "torch")
+
+
+def dropout(x: torch.Tensor, p: float, draw: str = "words") -> torch.Tensor:
+    """Inverted dropout (Srivastava et al. 2014), training only: zero each element with probability p and
+    scale the rest by 1 / (1 - p), so the expected output is the input.
+
+    draw="torch" is torch's `F.dropout`, one random number per element. draw="words" cuts 15 random bits per
+    element out of 64-bit random words, a quarter of the generator calls: on a CPU the per-element draw takes
+    a large share of a training step, since the generator runs on one thread. p is rounded to a multiple of 2^-15.
+    """
+    if p == 0.0:
+        return x
+    if draw == "torch":
+        return F.dropout(x, p)
+    n = x.numel()
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()   # uniform on [0, 2^63)
+    bits = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF      # (n/4,) -> (n,) 16-bit lanes, 15 bits each
+    keep = bits >= round(p * 2 ** 15)                               # P(keep) = 1 - p
+    return x * keep * (1.0 / (1.0 - p))                             # stays in x's dtype (bf16 under autocast)
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose mask comes from `dropout` (`draw` as there; `set_dropout` sets p and draw)."""
+
+    def __init__(self, p: float, draw: str = "words") -> None:
+        super().__init__(p)
+        self.draw = draw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.draw) if self.training else x
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+              mask: torch.Tensor | None = None, dropout_p: float = 0.0, draw: str = "words") -> torch.Tensor:
     """Scaled dot-product attention softmax(q k^T / sqrt(hd)) v (Vaswani et al. §3.2.1), written out.
 
     q (B, H, Lq, hd), k and v (B, H, Lk, hd). `mask` is bool and broadcasts to (B, H, Lq, Lk); True = may
@@ -81,7 +114,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, dropout_p)
+        weights = dropout(weights, dropout_p, draw)
     return weights @ v                               # (B, H, Lq, Lk) @ (B, H, Lk, hd) -> (B, H, Lq, hd)
 
 
@@ -92,7 +125,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, *, dim: int, heads: int, dropout: float = 0.0, cross: bool = False) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.draw = heads, dropout, "words"
         if cross:
             self.to_q = nn.Linear(dim, dim)
             self.to_kv = nn.Linear(dim, 2 * dim)
@@ -119,14 +152,14 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))   # 3 x (B, H, L, hd)
         else:
             q, (k, v) = self.split_heads(self.to_q(x)), context_kv     # (B, H, Lq, hd), 2 x (B, H, Lk, hd)
-        out = attention(q, k, v, mask, self.dropout if self.training else 0.0)       # (B, H, Lq, hd)
+        out = attention(q, k, v, mask, self.dropout if self.training else 0.0, self.draw)       # (B, H, Lq, hd)
         out = out.transpose(1, 2).reshape(B, Lq, D)      # (B, H, Lq, hd) -> (B, Lq, H, hd) -> (B, Lq, D)
         return self.to_out(out)
 
 
 def mlp(dim: int, mlp_dim: int, dropout: float) -> nn.Sequential:
     """Position-wise feed-forward network with GELU, as in ViT (Dosovitskiy et al. §3.1)."""
-    return nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim))
+    return nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), Dropout(dropout), nn.Linear(mlp_dim, dim))
 
 
 class EncoderBlock(nn.Module):
@@ -137,7 +170,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), MultiHeadAttention(dim=dim, heads=heads, dropout=dropout)
         self.norm2, self.mlp = nn.LayerNorm(dim), mlp(dim, mlp_dim, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x (B, N, D)
         x = x + self.drop(self.attn(self.norm1(x)))        # no mask: every patch sees every patch
@@ -153,7 +186,7 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = MultiHeadAttention(dim=dim, heads=heads, dropout=dropout, cross=True)
         self.norm3, self.mlp = nn.LayerNorm(dim), mlp(dim, mlp_dim, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor) -> torch.Tensor:
@@ -299,7 +332,7 @@ class ViTDSI(nn.Module):
         self.encoder_pos = positional(dim=c.dim, max_len=self.patch_embedding.num_patches)
         self.token_embedding = nn.Embedding(c.vocab_size, c.dim)
         self.decoder_pos = positional(dim=c.dim, max_len=c.max_len)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         block_args = dict(dim=c.dim, heads=c.heads, mlp_dim=c.mlp_dim, dropout=c.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(**block_args) for _ in range(c.depth))
         self.encoder_norm = nn.LayerNorm(c.dim)   # pre-norm leaves the last residual sum un-normalised
@@ -404,14 +437,15 @@ class ViTDSI(nn.Module):
                 for ids_row, scores_row in zip(id_index, done_scores)]
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
+def set_dropout(model: nn.Module, p: float, draw: str | None = None) -> None:
     """Set every dropout rate of the model to p (e.g. 0 while memorising the index, where dropout only
-    slows the overfit the indexing phase wants; paper §3.2 trains with 0.1 throughout)."""
+    slows the overfit the indexing phase wants; paper §3.2 trains with 0.1 throughout), and, when given,
+    how every mask is drawn (`dropout`)."""
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
+        if isinstance(m, Dropout):
+            m.p, m.draw = p, draw or m.draw
         elif isinstance(m, MultiHeadAttention):
-            m.dropout = p
+            m.dropout, m.draw = p, draw or m.draw
 
 
 def score_all_ids(model: ViTDSI, images: torch.Tensor, trie: IDTrie, *,

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from data import BOS, EOS, PAD
-from vitdsi import (IDTrie, MultiHeadAttention, PatchEmbedding, SinusoidalPositionalEncoding, ViTDSI, ViTDSIConfig,
-                    attention, causal_mask, score_all_ids)
+from vitdsi import (Dropout, IDTrie, MultiHeadAttention, PatchEmbedding, SinusoidalPositionalEncoding, ViTDSI,
+                    ViTDSIConfig, attention, causal_mask, dropout, score_all_ids, set_dropout)
 
 SMALL = dict(image_size=32, patch_size=8, dim=32, mlp_dim=64, depth=2, heads=4)
 
@@ -49,6 +49,42 @@ def test_multi_head_attention_matches_torch_multihead_attention():
     expected, _ = ref(x, x, x, attn_mask=~mask, need_weights=False)   # torch's MHA: True = may NOT attend
     torch.testing.assert_close(ours(x, mask=mask), expected)
     torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0])
+
+
+def test_dropout_from_random_words_drops_p_of_the_elements_independently_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000)
+    for p in (0.1, 0.5):
+        y = dropout(x, p)
+        dropped = y == 0
+        # 4e5 draws: the dropped share is within 5 standard deviations of p; neighbours (lanes of one word,
+        # and the last lane of one word next to the first of the next) are dropped together as often as p^2.
+        assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / x.numel())
+        both = (dropped[:, :-1] & dropped[:, 1:]).float().mean().item()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p / x.numel())
+        torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
+        assert not torch.equal(dropped, dropout(x, p) == 0)          # a new mask every call
+    every_lane = dropout(x, 0.5).view(-1, 4) == 0                       # the four 16-bit lanes of each word
+    assert (every_lane.float().mean(0) - 0.5).abs().max() < 0.01        # (the top lane has one bit fewer)
+    assert dropout(x, 0.0) is x
+
+
+def test_dropout_module_follows_train_mode_and_set_dropout_draws():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    module = Dropout(0.25)
+    assert module(x).dtype == torch.bfloat16 and (module(x) == 0).any()
+    assert module.eval()(x) is x
+    model = small_model()
+    set_dropout(model, 0.3, "torch")
+    drops = [m for m in model.modules() if isinstance(m, (Dropout, MultiHeadAttention))]
+    assert drops and all(m.draw == "torch" and getattr(m, "p", getattr(m, "dropout", None)) == 0.3 for m in drops)
+    torch.manual_seed(1)
+    expected = F.dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.3, "torch"), expected)             # "torch" is torch's own draw
+    set_dropout(model, 0.0)                                             # the rate alone: the draw stays
+    assert all(m.draw == "torch" for m in drops)
 
 
 def test_sinusoidal_encoding_matches_the_formula():
