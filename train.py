@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import IO
+from typing import IO, NoReturn
 
 import numpy as np
 import torch
@@ -183,8 +183,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """A flag argparse rejects (unknown, bad type, not among its choices) ends the run like any other bad
+    input: status 2 and one line naming it, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see python train.py --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, evaluate.",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("data (paper §2.1)")

@@ -239,3 +239,13 @@ def test_odd_image_files(tmp_path):
     Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")           # magenta + yellow = red
     red = data.read_image(str(tmp_path / "cmyk.jpg"), 20).astype(int)
     assert (red[..., 0] > 230).all() and (red[..., 1:] < 25).all()
+
+
+def test_a_flag_argparse_rejects_exits_2_with_one_line(capsys):
+    for argv in (["--dropout-draw", "foo"], ["--db-size", "abc"], ["--no-such-flag"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            train.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert argv[0] in err and "--help" in err
