@@ -107,6 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q (B, H, Lq, hd), k and v (B, H, Lk, hd). `mask` is bool and broadcasts to (B, H, Lq, Lk); True = may
     attend (the same convention as torch's scaled_dot_product_attention). Every query must see >= 1 key.
+    In training, `dropout_p` of the attention weights are dropped, the mask drawn as `draw` says (`dropout`).
     """
     q = q * q.shape[-1] ** -0.5                      # scale q, not the scores: Lq*hd multiplies instead of Lq*Lk
     scores = q @ k.transpose(-2, -1)                 # (B, H, Lq, hd) @ (B, H, hd, Lk) -> (B, H, Lq, Lk)
