@@ -84,8 +84,10 @@ def dropout(x: torch.Tensor, p: float, draw: str = "words") -> torch.Tensor:
     if draw == "torch":
         return F.dropout(x, p)
     n = x.numel()
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()   # uniform on [0, 2^63)
-    bits = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF      # (n/4,) -> (n,) 16-bit lanes, 15 bits each
+    # Four 16-bit lanes per 64-bit word; random_() fills a word uniformly on [0, 2^63), so the top lane's sign
+    # bit is always 0 and every lane keeps only its low 15 bits.
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_()   # (ceil(n/4),)
+    bits = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF      # (ceil(n/4),) -> (4 ceil(n/4),)[:n] -> x.shape
     keep = bits >= round(p * 2 ** 15)                               # P(keep) = 1 - p
     return x * keep * (1.0 / (1.0 - p))                             # stays in x's dtype (bf16 under autocast)
 
