@@ -166,7 +166,7 @@ class GrowSettings:
 
 def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
     return GrowSettings(replay=a.replay, replay_min=a.replay_min,
-                        lr=a.add_lr if a.add_lr is not None else recipe.lr / 2, epochs=a.add_epochs,
+                        lr=a.add_lr if a.add_lr is not None else recipe.lr / 4, epochs=a.add_epochs,
                         target=a.index_target_acc, settle=a.settle, beam=a.beam, seed=a.seed)
 
 

@@ -287,8 +287,8 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                    help="--add: share of the old index replayed per epoch at the least: a small addition disturbs "
                         "the old IDs as much as a large one, and they recover only as fast as they are rehearsed")
     g.add_argument("--add-lr", type=float,
-                   help="--add: peak learning rate (default: half the recipe's indexing lr: the model already "
-                        "writes IDs, and a smaller step moves the old memories less)")
+                   help="--add: peak learning rate (default: a quarter of the recipe's indexing lr: the model "
+                        "already writes IDs; at half of it, new random IDs kept swinging for tens of epochs)")
     g.add_argument("--add-epochs", type=int, default=100,
                    help="--add: epoch cap; training stops earlier once the new and the old images' IA@1 "
                         "both reach --index-target-acc")

@@ -168,6 +168,12 @@ def test_replay_count_takes_the_largest_of_its_three_floors():
     assert grow.replay_count(26, 410, grow.GrowSettings(0.0, 0.25, 1e-3, 10, 0.98), 32) == 0   # --replay 0: none
 
 
+def test_an_addition_runs_at_a_quarter_of_the_indexing_lr_unless_told():
+    recipe = train.RECIPES["fast"]
+    assert grow.settings_from_args(train.build_parser().parse_args([]), recipe).lr == recipe.lr / 4
+    assert grow.settings_from_args(train.build_parser().parse_args(["--add-lr", "1e-3"]), recipe).lr == 1e-3
+
+
 def test_settling_schedule_decays_from_where_it_is_to_the_floor():
     schedule = grow.SettlingSchedule(lambda step: 0.8)      # the recipe's multiplier, whatever its shape
     assert schedule(5) == 0.8
