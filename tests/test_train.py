@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import train
+import vitdsi
 from vitdsi import ViTDSI, ViTDSIConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,3 +182,15 @@ def test_recipe_is_the_named_one_plus_single_field_flags():
     assert train.recipe_from_args(parse("--retrieval-epochs", "7")).retrieval_epochs == 7
     assert train.recipe_from_args(parse("--no-augment")).augment is False
     assert train.recipe_from_args(parse("--recipe", "paper", "--precision", "bf16")).precision == "bf16"
+
+
+@pytest.mark.parametrize("model", ["dsi", "de"])
+def test_the_recipe_dropout_draw_reaches_the_trained_model(model, tmp_path, monkeypatch):
+    """--dropout-draw torch (not the fast recipe's words) is what the DSI's and the DE's dropout layers draw with."""
+    draws = []
+    real = vitdsi.dropout
+    monkeypatch.setattr(vitdsi, "dropout", lambda x, p, draw="words": draws.append(draw) or real(x, p, draw))
+    argv = TINY + ["--dropout", "0.1", "--dropout-draw", "torch", "--index-epochs", "2", "--retrieval-epochs", "1",
+                   "--models", model, "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    assert draws and set(draws) == {"torch"}
