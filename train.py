@@ -83,6 +83,7 @@ class Recipe:
     label_smoothing: float   # retrieval phase: cross-entropy label smoothing
     retrieval_targets: int   # retrieval phase: relevant IDs drawn per query per step (one encoder pass)
     dropout_draw: str        # how dropout masks are drawn (vitdsi.dropout): "torch" per element, "words" 15 bits each
+    keep_index: bool         # retrieval phase: keep only an epoch whose index is whole (IDB IA@1, `index_whole`)
 
 
 RECIPES = {
@@ -90,12 +91,12 @@ RECIPES = {
                     schedule="constant", lr_floor=1.0, precision="fp32", index_epochs=1000, index_dropout=None,
                     index_views=0.0, retrieval_epochs=75, retrieval_lr=5e-4, early_stop="loss", patience=10,
                     min_epochs=0, index_mix=0.0, augment=False, label_smoothing=0.0, retrieval_targets=1,
-                    dropout_draw="torch"),
+                    dropout_draw="torch", keep_index=False),
     "fast": Recipe(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, warmup_epochs=3,
                    schedule="cosine", lr_floor=0.05, precision="auto", index_epochs=150, index_dropout=0.0,
                    index_views=0.0, retrieval_epochs=30, retrieval_lr=2e-3, early_stop="map", patience=0,
                    min_epochs=0, index_mix=1.0, augment=True, label_smoothing=0.1, retrieval_targets=8,
-                   dropout_draw="words"),
+                   dropout_draw="words", keep_index=True),
 }
 
 RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's value
@@ -115,6 +116,8 @@ RECIPE_HELP = {  # flag help texts; each flag's default is the chosen recipe's v
     "retrieval_targets": "retrieval phase: relevant IDs trained per query per step, sharing one encoder pass",
     "dropout_draw": "how dropout masks are drawn: torch = F.dropout, one random number per element; words = 15 "
                     "random bits per element cut from 64-bit words, a quarter of the generator calls (faster on CPUs)",
+    "keep_index": "retrieval phase: keep only an epoch whose IDB IA@1 (beam search) is at least --index-target-acc "
+                  "(or the zero-shot IA@1, if lower); with none, the zero-shot model stays",
     "precision": "arithmetic of training and decoding: auto = bf16 autocast on hardware with bf16 units "
                  "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32; numbers then differ between such machines",
 }
@@ -853,11 +856,22 @@ def validate(cell: Cell, model: ViTDSI, val: dict) -> dict[str, float]:
     return scores
 
 
+def index_whole(cell: Cell, model: ViTDSI, floor: float) -> tuple[bool, float]:
+    """Whether the model still writes its index: IA@1 of the IDB images, by the beam search `evaluate` scores
+    it with, at least `floor`. Asked of a retrieval epoch only when it would be the one kept."""
+    ranked, _ = rank_dsi(model, cell.images[torch.as_tensor(cell.split.idb)], cell.trie, IA_DEPTH, cell.a.beam,
+                         cell.device)
+    ia = metrics.indexing_accuracy(ranked, cell.idb_ids, 1)
+    return ia >= floor, ia
+
+
 def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     """Retrieval phase (paper §3.2): each training query is paired with relevant IDB images' IDs, drawn
     anew every step (so the model sees the whole relevant set), mixed with index rehearsal. Keeps the
     epoch with the best validation score: the VALIDATION queries choose the epoch, never the test ones.
-    Returns seconds, epochs run, the epoch kept and its optimizer; None when there is nothing to train on."""
+    With `keep_index`, only among the epochs whose index is whole (`index_whole`); epoch 0, the zero-shot
+    model, when none is. Returns seconds, epochs run, the epoch kept and its optimizer; None when there is
+    nothing to train on."""
     recipe, a, log, split = cell.recipe, cell.a, cell.log, cell.split
     rel_val = cell.relevant(split.val)
     keep_va = [i for i, r in enumerate(rel_val) if r]
@@ -877,14 +891,22 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps, recipe.retrieval_epochs))
     trainer = Trainer(model, optimizer, scheduler, cell.device, cell.bf16, recipe.label_smoothing,
                       augment_gen=torch.Generator().manual_seed(a.seed + 1))
+    # The index may not be traded for retrieval: below this IA@1 an epoch is not kept, however well it
+    # retrieves (the zero-shot IA@1 when indexing ended under the target at its epoch cap).
+    zero_shot = cell.finished.get("zero_shot")
+    floor = min(a.index_target_acc, zero_shot["IA@1"]) if zero_shot else a.index_target_acc
     log(f"retrieval: {n_q} queries x {G} relevant IDs + {n_mix} IDB pairs per epoch, lr {recipe.retrieval_lr:g}, "
         + (f"up to {recipe.retrieval_epochs} epochs (at least {recipe.min_epochs}, then patience {recipe.patience}"
            if recipe.patience else f"{recipe.retrieval_epochs} epochs (the whole schedule")
-        + f", keeping the best validation {recipe.early_stop}), augment {'on' if recipe.augment else 'off'}, "
+        + f", keeping the best validation {recipe.early_stop}"
+        + (f" among epochs with IDB IA@1 >= {floor:.3f}" if recipe.keep_index else "")
+        + f"), augment {'on' if recipe.augment else 'off'}, "
         f"label smoothing {recipe.label_smoothing}")
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
         cell.curves[key] = []
     stopper = EarlyStopping(recipe.patience, recipe.min_epochs)
+    if recipe.keep_index:   # until an epoch qualifies, the epoch kept is 0: the zero-shot model
+        stopper.best_state = {"model": clone_state(model.state_dict()), "optimizer": clone_state(optimizer.state_dict())}
     progress = resume_phase(cell, "retrieval", trainer, {"epoch": 0, "seconds": 0.0}, rng, stopper)
     epoch, t_start = progress["epoch"], time.perf_counter() - progress["seconds"]
     while epoch < recipe.retrieval_epochs and not stopper.stopped(epoch):
@@ -898,7 +920,14 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
                            ("ret_val_acc", v["acc"]), ("ret_val_map", v.get("map"))):
             if value is not None:
                 cell.curves[key].append(value)
-        stopper.step(epoch, v["map"] if recipe.early_stop == "map" else -v["loss"], model, optimizer)
+        score = v["map"] if recipe.early_stop == "map" else -v["loss"]
+        if recipe.keep_index and score > stopper.best_score:
+            whole, ia = index_whole(cell, model, floor)
+            if not whole:
+                log(f"retrieval epoch {epoch:3d}: IDB IA@1 {ia:.3f} < {floor:.3f}: not kept, whatever its "
+                    f"validation {recipe.early_stop}")
+                score = -float("inf")
+        stopper.step(epoch, score, model, optimizer)
         eta = (time.perf_counter() - t_start) / epoch * (recipe.retrieval_epochs - epoch)
         log(f"retrieval epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
             f"val loss {v['loss']:.4f}  val acc {v['acc']:.3f}  "
@@ -1106,7 +1135,7 @@ def run_dsi(cell: Cell, out: str) -> list[dict]:
             info = dict(index_info(indexed, len(idb_ids)), retrieval_epochs=tuned["epochs"],
                         retrieval_epoch_kept=tuned["best_epoch"], retrieval_seconds=round(tuned["seconds"], 2))
             rows.append(evaluate(cell, model, "fine-tuned", indexed["seconds"] + tuned["seconds"], info))
-            optimizer, epoch = tuned["optimizer"], tuned["best_epoch"]
+            optimizer, epoch = tuned["optimizer"], tuned["best_epoch"] or epoch   # 0: the zero-shot model
 
     save_checkpoint(os.path.join(out, "checkpoint.pt"), model, optimizer, config, a, epoch, catalogue(cell))
     draw_curves(cell.curves, os.path.join(out, "curves.png"), title=f"{a.dataset} db {db_size} ids {ids_scheme}")

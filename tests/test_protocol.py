@@ -21,8 +21,9 @@ TINY_MODEL = ["--image-size", "32", "--patch-size", "8", "--dim", "16", "--mlp-d
 DB_SIZE = 64   # split 0.25 / 0.75 x (0.8, 0.1, 0.1): IDB 16, queries train 38 / val 5 / test 5
 # A short retrieval phase that exercises every recipe feature that could touch the queries: augmented
 # views, index rehearsal, several targets per query; patience high enough that all epochs run.
+# These models were never indexed, so no epoch would keep an index (keep_index; tested in test_train.py).
 RECIPE = replace(train.RECIPES["fast"], batch_size=16, precision="fp32", retrieval_epochs=3, patience=10,
-                 min_epochs=0, retrieval_targets=2, warmup_epochs=1)
+                 min_epochs=0, retrieval_targets=2, warmup_epochs=1, keep_index=False)
 
 
 def tiny_cell(imageset: data.ImageSet | None = None, **recipe_fields) -> train.Cell:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -194,3 +195,40 @@ def test_the_recipe_dropout_draw_reaches_the_trained_model(model, tmp_path, monk
                    "--models", model, "--out", str(tmp_path)]
     assert train.main(argv) == 0
     assert draws and set(draws) == {"torch"}
+
+
+def test_an_epoch_that_lost_its_index_is_never_kept(tmp_path, monkeypatch):
+    """keep_index (fast): the retrieval phase keeps only epochs whose IDB IA@1 stays at the floor; when none
+    does, the zero-shot model stays (epoch 0: same weights, same scores). --no-keep-index never asks."""
+    asked = []
+    monkeypatch.setattr(train, "index_whole", lambda cell, model, floor: asked.append(floor) or (False, 0.5))
+    argv = TINY + ["--retrieval-epochs", "3", "--models", "dsi"]
+    assert train.main(argv + ["--out", str(tmp_path / "lost")]) == 0
+    zero_shot, tuned = json.loads((tmp_path / "lost" / "results.json").read_text())["rows"]
+    assert tuned["retrieval_epoch_kept"] == 0 and len(asked) == 3       # every epoch asked, none kept
+    assert asked[0] == min(1.0, zero_shot["IA@1"])                     # TINY's --index-target-acc 1.0
+    assert {k: tuned[k] for k in ("IA@1", "P@10", "MAP@10")} == {k: zero_shot[k] for k in ("IA@1", "P@10", "MAP@10")}
+    assert "not kept" in (tmp_path / "lost" / "train.log").read_text()
+
+    monkeypatch.setattr(train, "index_whole", lambda cell, model, floor: asked.append(floor) or (True, 1.0))
+    asked.clear()
+    assert train.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["rows"][1]["retrieval_epoch_kept"] >= 1
+    assert 1 <= len(asked) <= 3                                        # asked only of a new best epoch
+
+    asked.clear()
+    assert train.main(argv + ["--no-keep-index", "--out", str(tmp_path / "off")]) == 0
+    assert not asked
+
+
+def test_index_whole_is_ia_at_1_of_the_idb_against_the_floor(monkeypatch):
+    ids = ["00", "01", "10", "11"]
+    cell = types.SimpleNamespace(images=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), split=types.SimpleNamespace(
+        idb=np.array([1, 2, 4, 5])), trie=None, idb_ids=ids, a=types.SimpleNamespace(beam=None), device="cpu")
+    seen = []
+    ranked = [["00"], ["01"], ["11"], ["11"]]                           # the third IDB image writes a wrong ID
+    monkeypatch.setattr(train, "rank_dsi", lambda model, images, trie, k, *rest: seen.append((len(images), k))
+                        or (ranked, 0.0))
+    assert train.index_whole(cell, None, 0.75) == (True, 0.75)          # at the floor counts as whole
+    assert train.index_whole(cell, None, 0.76) == (False, 0.75)
+    assert seen == [(4, train.IA_DEPTH)] * 2                            # the IDB's images, searched as evaluate does
