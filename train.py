@@ -939,6 +939,8 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
         log(f"retrieval: validation {recipe.early_stop} has not improved for {recipe.patience} epochs; stopping")
     stopper.restore(model, optimizer)
     log(f"retrieval: ran {epoch} epochs, kept epoch {stopper.best_epoch} (best validation {recipe.early_stop})")
+    if recipe.keep_index and stopper.best_epoch == 0:
+        log(f"retrieval: no epoch kept IDB IA@1 >= {floor:.3f}; the zero-shot model stays")
     return {"seconds": time.perf_counter() - t_start, "epochs": epoch, "best_epoch": stopper.best_epoch,
             "optimizer": optimizer}
 
