@@ -230,7 +230,7 @@ GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s"
 
 
 # read by the additions, not by an index run
-ADDITION_FLAGS = ("replay", "replay_min", "settle", "add_lr", "add_epochs", "overwrite")
+ADDITION_FLAGS = ("replay", "replay_min", "settle", "add_lr", "add_epochs", "add_frozen", "overwrite")
 
 
 def same_run(out: str, cmd: list[str]) -> bool:

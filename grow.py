@@ -162,12 +162,14 @@ class GrowSettings:
     settle: float = 0.0         # once the new IDs are learnt at epoch e, decay the lr over settle x e epochs; 0 = never
     beam: int | None = None     # beam width of the IA@1 check (None: the list length)
     seed: int = 0               # batch order and the replay draw
+    frozen: int | None = None   # encoder blocks (from the patches up) not trained, their output cached; None = all
 
 
 def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
     return GrowSettings(replay=a.replay, replay_min=a.replay_min,
                         lr=a.add_lr if a.add_lr is not None else recipe.lr / 4, epochs=a.add_epochs,
-                        target=a.index_target_acc, settle=a.settle, beam=a.beam, seed=a.seed)
+                        target=a.index_target_acc, settle=a.settle, beam=a.beam, seed=a.seed,
+                        frozen=a.add_frozen)
 
 
 @dataclass
@@ -261,6 +263,12 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
     bf16 = train.use_bf16(recipe.precision, device)
     trainer = train.Trainer(model, optimizer, scheduler, device, bf16,
                             augment_gen=torch.Generator().manual_seed(s.seed + 1))
+    k = len(model.encoder) if s.frozen is None else s.frozen
+    frozen = [model.patch_embedding, *model.encoder[:k]] if k else []
+    for part in frozen:    # the layers above learn the new IDs from what the frozen bottom already sees
+        part.requires_grad_(False)
+    if frozen:
+        pool.cached, pool.frozen = encoded_until(model, pool.images, k, device, bf16), k
     set_dropout(model, model.config.dropout if recipe.index_dropout is None else recipe.index_dropout,
                 recipe.dropout_draw)
     epoch, new_ia, old_ia, t_start = 0, 0.0, 0.0, time.perf_counter()
@@ -286,8 +294,22 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
             f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
             + (f"  new IA@1 {new_ia:.3f}  old IA@1 {old_ia:.3f}" if check else ""))
     set_dropout(model, model.config.dropout)
+    for part in frozen:
+        part.requires_grad_(True)
     return {"epochs": epoch, "seconds": time.perf_counter() - t_start, "new_ia": new_ia, "old_ia": old_ia,
             "optimizer": optimizer}
+
+
+@torch.no_grad()
+def encoded_until(model: ViTDSI, images: torch.Tensor, k: int, device: torch.device, bf16: bool,
+                  batch_size: int = 64) -> torch.Tensor:
+    """model.encode_until(images, k) (n, N, D) of uint8 images (n, 3, S, S), dropout off, batch by batch."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model.encode_until(data.normalize(images[start:start + batch_size].to(device)), k))
+    return torch.cat(out)
 
 
 def ia_at_1(model: ViTDSI, images: torch.Tensor, ids: list[str], trie: IDTrie, s: GrowSettings,
@@ -440,6 +462,9 @@ def main(a: argparse.Namespace) -> int:
     if a.remove:
         grown = remove_ids(ckpt, a.remove)
     else:
+        if a.add_frozen is not None and a.add_frozen > model.config.depth:
+            raise UsageError(f"--add-frozen {a.add_frozen}: pass 0 to {model.config.depth}, the model's number "
+                             f"of encoder blocks")
         additions = read_additions(a.add, ckpt, model.config.image_size)
     os.makedirs(out, exist_ok=True)
     log = train.Log(os.path.join(out, "train.log"), quiet=a.quiet)

@@ -298,6 +298,10 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--settle", type=float, default=1.0,
                    help="--add: once the new images are learnt at epoch e, decay the lr to a twentieth over "
                         "settle x e more epochs, so the old IDs they disturbed recover; 0 = keep the recipe's schedule")
+    g.add_argument("--add-frozen", type=int,
+                   help="--add: encoder blocks, from the patches up, left as they are (with the patch embedding); "
+                        "their output is computed once per image, so a step runs only the layers above (default: "
+                        "all of them, the decoder learns the new IDs; 0 = train the whole model)")
     g.add_argument("--overwrite", action="store_true",
                    help="--add/--remove: allow --out to be the folder of an existing checkpoint.pt (also the "
                         "one being grown), which is then replaced")
@@ -321,10 +325,11 @@ def check_args(a: argparse.Namespace) -> None:
         if a.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
         if (a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or a.settle < 0
+                or (a.add_frozen is not None and a.add_frozen < 0)
                 or (a.add_lr is not None and a.add_lr <= 0)):
-            raise UsageError(f"--replay and --settle must be 0 or more, --replay-min in [0, 1], --add-epochs and "
-                             f"--add-lr positive; got {a.replay}, {a.settle}, {a.replay_min}, {a.add_epochs}, "
-                             f"{a.add_lr}")
+            raise UsageError(f"--replay, --settle and --add-frozen must be 0 or more, --replay-min in [0, 1], "
+                             f"--add-epochs and --add-lr positive; got {a.replay}, {a.settle}, {a.add_frozen}, "
+                             f"{a.replay_min}, {a.add_epochs}, {a.add_lr}")
         if not 0.0 < a.index_target_acc <= 1.0:
             raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
         return
@@ -438,6 +443,22 @@ class Pool:
     images: torch.Tensor                                   # (n, 3, S, S) uint8
     targets: Callable[[torch.Tensor], torch.Tensor]        # pool indices (B,) -> target tokens (B, G, L)
     augmented: torch.Tensor                                # (n,) bool: shown as a random view, not as is
+    frozen: int = 0                                        # encoder blocks at the bottom not trained (grow.py) ...
+    cached: torch.Tensor | None = None                     # ... and their output (n, N, D), encode_until(image, frozen)
+
+
+def encode_batch(model: ViTDSI, pool: Pool, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The memory (B, N, D) of the batch x = the pool's images idx (normalised, views applied). When the bottom of
+    the encoder is frozen, its output is read from the pool's cache and only the blocks above it run; a random
+    view is new at every step, so its bottom is computed, without gradients, since it is not trained."""
+    if pool.cached is None:
+        return model.encode(x)
+    h = pool.cached[idx].to(x.device)                                       # (B, N, D)
+    views = pool.augmented[idx].to(x.device)                                # (B,) bool
+    if views.any():
+        with torch.no_grad():
+            h[views] = model.encode_until(x[views], pool.frozen).to(h.dtype)
+    return model.encode_after(h, pool.frozen)
 
 
 @dataclass
@@ -473,7 +494,7 @@ def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int
         B, G = y.shape[:2]
         y = y.flatten(0, 1).to(device)                                      # (B*G, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
-            logits = model.decode(model.encode(x), y[:, :-1])               # (B*G, L-1, V)
+            logits = model.decode(encode_batch(model, pool, idx, x), y[:, :-1])  # (B*G, L-1, V)
         loss, hit = seq_loss(logits, y, trainer.smoothing)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -351,6 +351,20 @@ class ViTDSI(nn.Module):
             x = block(x)
         return self.encoder_norm(x)
 
+    def encode_until(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """The patch encodings (B, N, D) after the first k encoder blocks: what an addition with the bottom
+        k blocks frozen caches (grow.py). encode(images) == encode_after(encode_until(images, k), k)."""
+        x = self.drop(self.encoder_pos(self.patch_embedding(images)))
+        for block in self.encoder[:k]:
+            x = block(x)
+        return x
+
+    def encode_after(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Encoder blocks k, k+1, ... and the final norm over x = encode_until(images, k) -> memory (B, N, D)."""
+        for block in self.encoder[k:]:
+            x = block(x)
+        return self.encoder_norm(x)
+
     def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder block's cross-attention keys and values of memory (B, N, D): 2 x (B, H, N, hd)."""
         return [block.cross_attn.keys_values(memory) for block in self.decoder]

@@ -17,6 +17,7 @@ from vitdsi import IDTrie
 TINY = ["--db-size", "128", "--image-size", "32", "--patch-size", "8", "--dim", "32", "--mlp-dim", "64",
         "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "300", "--lr", "3e-3",
         "--no-finetune", "--models", "dsi", "--quiet", "--threads", "1"]
+ADD = ["--add-epochs", "200", "--threads", "1", "--quiet"]   # the tiny decoder learns 8 new IDs in 60-100 epochs
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_add_makes_new_images_retrievable_and_keeps_the_old(base, capsys):
     root, ckpt, loose = base
     out = root / "added"
     assert train.main(["--checkpoint", str(root / "base" / "checkpoint.pt"), "--add", str(root / "new"), *loose,
-                       "--out", str(out), "--threads", "1", "--quiet"]) == 0
+                       "--out", str(out), *ADD]) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["added"] == 8 and report["new_IA@1"] >= 0.98
     assert report["old_IA@1_before"] == 1.0 and report["old_IA@1"] >= 0.9
@@ -69,6 +70,36 @@ def test_add_makes_new_images_retrievable_and_keeps_the_old(base, capsys):
     capsys.readouterr()
     assert train.main(["--checkpoint", str(out / "checkpoint.pt"), "--query", loose[0], "--top-k", "1"]) == 0
     assert f"ID {grown['ids'][grown['idb_refs'].index(loose[0])]} " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("frozen", [None, "0"])
+def test_an_addition_trains_what_is_not_frozen(base, frozen):
+    """By default the encoder stays as it was and the decoder learns the new IDs; --add-frozen 0 trains it all."""
+    root, ckpt, loose = base
+    out = root / f"frozen-{frozen}"
+    assert train.main(["--checkpoint", str(root / "base" / "checkpoint.pt"), "--add", str(root / "new"), *loose,
+                       "--out", str(out), *ADD] + (["--add-frozen", frozen] if frozen else [])) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["new_IA@1"] >= 0.98 and report["old_IA@1"] >= 0.9
+    grown = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    encoder = [k for k in grown if k.startswith(("patch_embedding.", "encoder.0."))]
+    assert encoder and all(torch.equal(grown[k], ckpt["model"][k]) for k in encoder) == (frozen is None)
+    assert not torch.equal(grown["head.weight"], ckpt["model"]["head.weight"])           # the decoder learnt
+
+
+def test_a_batch_reads_the_frozen_bottom_from_the_cache_and_encodes_random_views():
+    torch.manual_seed(0)
+    config = train.ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=2, heads=2, max_len=5)
+    model = train.ViTDSI(config).eval()
+    images = torch.randn(4, 3, 16, 16)
+    views = torch.tensor([False, True, False, True])
+    cached = model.encode_until(images, 1).detach()
+    cached[views] = 99.0                              # a view's cached row is stale: it must be computed anew
+    pool = train.Pool(images, lambda idx: idx, views, frozen=1, cached=cached)
+    idx = torch.tensor([2, 1, 0])
+    torch.testing.assert_close(train.encode_batch(model, pool, idx, images[idx]), model.encode(images[idx]))
+    cached[0] = 0.0                                   # a clean row is read from the cache, not computed
+    assert not torch.allclose(train.encode_batch(model, pool, idx, images[idx])[2], model.encode(images[:1])[0])
 
 
 def test_new_ids_per_scheme():
@@ -111,8 +142,10 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
     root, ckpt, loose = base
     source = str(root / "base" / "checkpoint.pt")
     assert "not found" in fails(["--checkpoint", source, "--add", str(tmp_path / "none.png")], capsys)
-    for flag, value in (("--settle", "-1"), ("--replay", "-2"), ("--replay-min", "1.5"), ("--add-epochs", "0")):
+    for flag, value in (("--settle", "-1"), ("--replay", "-2"), ("--replay-min", "1.5"), ("--add-epochs", "0"),
+                        ("--add-frozen", "-1")):
         assert "must be 0 or more" in fails(["--checkpoint", source, "--add", loose[0], flag, value], capsys)
+    assert "pass 0 to 1, the model's number of encoder blocks" in fails(["--checkpoint", source, "--add", loose[0], "--add-frozen", "2"], capsys)
     assert "not in the index" in fails(["--checkpoint", source, "--remove", "999", "--out", str(tmp_path)], capsys)
     assert "being changed" in fails(["--checkpoint", source, "--remove", ckpt["ids"][0],
                                      "--out", str(root / "base")], capsys)
@@ -138,7 +171,7 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
 
 def test_grow_experiment_runs_its_steps(base):
     root, _, _ = base
-    rows = benchmark.grow_in_steps(str(root / "base"), 2, ["--threads", "1"])
+    rows = benchmark.grow_in_steps(str(root / "base"), 2, ADD[:-1])
     assert [r["step"] for r in rows] == [1, 2] and [r["added"] for r in rows] == [4, 4]
     assert rows[-1]["indexed"] == 32 and all(r["new IA@1"] >= 0.98 for r in rows)
     assert all(0.0 <= r["test P@10"] <= 1.0 and 0.0 <= r["test MAP@10"] <= 1.0 for r in rows)
@@ -155,7 +188,7 @@ def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
         assert {classes[replay.ids[j]] for j in relevant} == {int(imageset.primary[q])}
     torch.save(tuned, tmp_path / "tuned.pt")
     assert train.main(["--checkpoint", str(tmp_path / "tuned.pt"), "--add", loose[0], "--out", str(tmp_path / "o"),
-                       "--quiet", "--threads", "1"]) == 0
+                       *ADD]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["replayed_queries"] == len(split.train)
 
 

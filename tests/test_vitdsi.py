@@ -22,6 +22,15 @@ def test_causal_mask_lets_each_position_see_itself_and_the_past():
     assert causal_mask(3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
 
 
+def test_the_encoder_split_at_any_block_is_the_whole_encoder():
+    model = small_model().eval()
+    images = torch.randn(3, 3, 32, 32)
+    whole = model.encode(images)
+    for k in range(len(model.encoder) + 1):
+        torch.testing.assert_close(model.encode_after(model.encode_until(images, k), k), whole)
+    assert not torch.allclose(model.encode_until(images, 1), model.encode_until(images, 2))   # k counts blocks
+
+
 def test_attention_matches_scaled_dot_product_attention():
     torch.manual_seed(0)
     q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
