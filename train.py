@@ -450,14 +450,15 @@ class Pool:
 def encode_batch(model: ViTDSI, pool: Pool, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The memory (B, N, D) of the batch x = the pool's images idx (normalised, views applied). When the bottom of
     the encoder is frozen, its output is read from the pool's cache and only the blocks above it run; a random
-    view is new at every step, so its bottom is computed, without gradients, since it is not trained."""
+    view is new at every step, so its bottom is computed anew, without gradients, since it is not trained (and
+    in training mode: with the recipe's dropout, where the cache was computed without)."""
     if pool.cached is None:
         return model.encode(x)
-    h = pool.cached[idx].to(x.device)                                       # (B, N, D)
+    h = pool.cached[idx].to(x.device)                 # (B, N, D): indexing copies, the views below leave the cache
     views = pool.augmented[idx].to(x.device)                                # (B,) bool
     if views.any():
         with torch.no_grad():
-            h[views] = model.encode_until(x[views], pool.frozen).to(h.dtype)
+            h[views] = model.encode_until(x[views], pool.frozen).to(h.dtype)    # the cache's dtype (bf16 or not)
     return model.encode_after(h, pool.frozen)
 
 

@@ -145,7 +145,8 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
     for flag, value in (("--settle", "-1"), ("--replay", "-2"), ("--replay-min", "1.5"), ("--add-epochs", "0"),
                         ("--add-frozen", "-1")):
         assert "must be 0 or more" in fails(["--checkpoint", source, "--add", loose[0], flag, value], capsys)
-    assert "pass 0 to 1, the model's number of encoder blocks" in fails(["--checkpoint", source, "--add", loose[0], "--add-frozen", "2"], capsys)
+    assert "pass 0 to 1, the model's number of encoder blocks" in fails(["--checkpoint", source, "--add", loose[0],
+                                                                         "--add-frozen", "2"], capsys)
     assert "not in the index" in fails(["--checkpoint", source, "--remove", "999", "--out", str(tmp_path)], capsys)
     assert "being changed" in fails(["--checkpoint", source, "--remove", ckpt["ids"][0],
                                      "--out", str(root / "base")], capsys)
@@ -171,7 +172,7 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
 
 def test_grow_experiment_runs_its_steps(base):
     root, _, _ = base
-    rows = benchmark.grow_in_steps(str(root / "base"), 2, ADD[:-1])
+    rows = benchmark.grow_in_steps(str(root / "base"), 2, ADD)
     assert [r["step"] for r in rows] == [1, 2] and [r["added"] for r in rows] == [4, 4]
     assert rows[-1]["indexed"] == 32 and all(r["new IA@1"] >= 0.98 for r in rows)
     assert all(0.0 <= r["test P@10"] <= 1.0 and 0.0 <= r["test MAP@10"] <= 1.0 for r in rows)
