@@ -345,9 +345,12 @@ class ViTDSI(nn.Module):
         self.register_buffer("causal", causal_mask(c.max_len), persistent=False)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, S, S), normalised float -> memory (B, N, D): the patch tokens with their positions,
-        every encoder block, the final norm. Split in two below at block 0; any split k gives the same."""
-        return self.encode_after(self.encode_until(images, 0), 0)
+        """images (B, C, S, S), normalised float -> memory (B, N, D). Written out whole, since the dual encoder
+        (de.py) runs it on its borrowed parts; encode_until and encode_after below split it at any block k."""
+        x = self.drop(self.encoder_pos(self.patch_embedding(images)))      # (B, N, D)
+        for block in self.encoder:
+            x = block(x)
+        return self.encoder_norm(x)
 
     def encode_until(self, images: torch.Tensor, k: int) -> torch.Tensor:
         """The patch encodings (B, N, D) after the first k encoder blocks (k = 0: patches + positions only):
