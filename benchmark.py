@@ -309,14 +309,14 @@ def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]
 
 
 SUMMARY_COLUMNS = ["run", "seeds", "test P@10 mean", "sd", "vs scratch (means)", "vs scratch (per seed)",
-                   "train s vs scratch (per seed)", "new IA@1 min", "old IA@1 min"]
+                   "per-seed se", "train s vs scratch (per seed)", "new IA@1 min", "old IA@1 min"]
 
 
 def grow_summary(rows: list[dict]) -> list[dict]:
     """One line per run over the seeds: the test P@10 each ends with (mean, sd), against the from-scratch
-    runs' mean and, per seed, against its own scratch run; the training time against scratch (all steps of
-    a run together); the least new and old IA@1 seen in any step. A seed's scratch P@10 moves by more than
-    5 % from seed to seed, so the means say more than any one seed's pair."""
+    runs' mean and, per seed, against its own scratch run (range, and the standard error of their mean);
+    the training time against scratch (all steps of a run together); the least new and old IA@1 seen in any
+    step. A scratch run's P@10 moves by more than 5 % from seed to seed, so one seed's pair says little."""
     seeds = sorted({r["seed"] for r in rows})
     scratch = {r["seed"]: r for r in rows if r["run"] == "whole IDB from scratch"}
     base_p10 = float(np.mean([scratch[s]["test P@10"] for s in seeds]))
@@ -338,6 +338,7 @@ def grow_summary(rows: list[dict]) -> list[dict]:
             "sd": float(p10.std(ddof=1)) if len(seeds) > 1 else None,
             "vs scratch (means)": f"{100 * (p10.mean() / base_p10 - 1):+.1f} %",
             "vs scratch (per seed)": f"{100 * min(paired):+.1f} to {100 * max(paired):+.1f} %",
+            "per-seed se": f"{100 * np.std(paired, ddof=1) / np.sqrt(len(seeds)):.1f} %" if len(seeds) > 1 else None,
             "train s vs scratch (per seed)": f"{min(time_ratio):.2f}-{max(time_ratio):.2f}x",
             "new IA@1 min": min(new_ia) if grown else None, "old IA@1 min": min(old_ia)})
     return summary
@@ -371,8 +372,9 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
         f"start rows: all indexed); test P@10 / MAP@10: the run's test queries against every indexed image of "
         f"the same class. train s: training epochs only; wall s: the whole step (scratch and start rows: the "
         f"whole train.py run). Over the seeds: each run's last step; sd across seeds; vs scratch (means): its "
-        f"mean P@10 against the scratch runs' mean; per seed: against the same seed's scratch run; train s: all "
-        f"its steps against the same seed's scratch run.\n" + (f"Extra flags: {' '.join(extra)}\n" if extra else ""))
+        f"mean P@10 against the scratch runs' mean; per seed: against the same seed's scratch run (range; se: "
+        f"standard error of the mean of those ratios); train s: all its steps against the same seed's scratch "
+        f"run.\n" + (f"Extra flags: {' '.join(extra)}\n" if extra else ""))
     os.makedirs(a.out, exist_ok=True)
     train.atomic_write(os.path.join(a.out, f"grow-{a.db_size}-{a.ids}.md"), lambda f: f.write(text), text=True)
     print(text)

@@ -45,6 +45,7 @@ def test_grow_summary_compares_means_and_each_seed_with_its_own_scratch_run():
     assert abs(f["test P@10 mean"] - 0.255) < 1e-9                    # the last step of each seed: 0.27, 0.24
     assert f["vs scratch (means)"] == "+2.0 %"                         # 0.255 / 0.25
     assert f["vs scratch (per seed)"] == "-10.0 to +20.0 %"            # 0.27 / 0.30, 0.24 / 0.20
+    assert f["per-seed se"] == "15.0 %"                                # sd(-0.1, +0.2) / sqrt(2)
     assert f["train s vs scratch (per seed)"] == "0.10-0.10x"          # (5 + 5) / 100, 20 / 200
     assert (f["new IA@1 min"], f["old IA@1 min"], s["new IA@1 min"]) == (0.98, 0.985, None)
     assert abs(f["sd"] - 0.0212132) < 1e-6
