@@ -229,6 +229,8 @@ GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s"
                 "test P@10", "test MAP@10"]
 
 
+SCRATCH, START = "whole IDB from scratch", "75 % index (the start)"    # the two index runs' row names
+
 # read by the additions, not by an index run
 ADDITION_FLAGS = ("replay", "replay_min", "settle", "add_lr", "add_epochs", "add_frozen", "overwrite")
 
@@ -318,7 +320,7 @@ def grow_summary(rows: list[dict]) -> list[dict]:
     the training time against scratch (all steps of a run together); the least new and old IA@1 seen in any
     step. A scratch run's P@10 moves by more than 5 % from seed to seed, so one seed's pair says little."""
     seeds = sorted({r["seed"] for r in rows})
-    scratch = {r["seed"]: r for r in rows if r["run"] == "whole IDB from scratch"}
+    scratch = {r["seed"]: r for r in rows if r["run"] == SCRATCH}
     base_p10 = float(np.mean([scratch[s]["test P@10"] for s in seeds]))
     summary = []
     for run in dict.fromkeys(r["run"] for r in rows):
@@ -332,13 +334,14 @@ def grow_summary(rows: list[dict]) -> list[dict]:
         p10 = np.array([last[s]["test P@10"] for s in seeds])
         paired = [last[s]["test P@10"] / scratch[s]["test P@10"] - 1 for s in seeds]
         time_ratio = [seconds[s] / scratch[s]["train s"] for s in seeds]
-        grown = run not in ("whole IDB from scratch", "75 % index (the start)")
+        grown = run not in (SCRATCH, START)
         summary.append({
             "run": run, "seeds": len(seeds), "test P@10 mean": float(p10.mean()),
             "sd": float(p10.std(ddof=1)) if len(seeds) > 1 else None,
             "vs scratch (means)": f"{100 * (p10.mean() / base_p10 - 1):+.1f} %",
             "vs scratch (per seed)": f"{100 * min(paired):+.1f} to {100 * max(paired):+.1f} %",
-            "per-seed se": f"{100 * np.std(paired, ddof=1) / np.sqrt(len(seeds)):.1f} %" if len(seeds) > 1 else None,
+            "per-seed se": (f"{100 * np.std(paired, ddof=1) / np.sqrt(len(seeds)):.1f} %"
+                            if len(seeds) > 1 else None),
             "train s vs scratch (per seed)": f"{min(time_ratio):.2f}-{max(time_ratio):.2f}x",
             "new IA@1 min": min(new_ia) if grown else None, "old IA@1 min": min(old_ia)})
     return summary
@@ -359,10 +362,9 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
         _, scratch = index_run(a, seed, "scratch", [], extra)
         base, start = index_run(a, seed, "base-75", ["--index-hold-out", "0.25"], extra)
         n_idb = data.split_sizes(a.db_size)[0]
-        rows.append({"seed": seed, "run": "whole IDB from scratch", "step": "-", "indexed": n_idb, "added": "-",
-                     **scratch})
-        rows.append({"seed": seed, "run": "75 % index (the start)", "step": 0,
-                     "indexed": n_idb - int(n_idb * 0.25 + 0.5), "added": "-", **start})
+        rows.append({"seed": seed, "run": SCRATCH, "step": "-", "indexed": n_idb, "added": "-", **scratch})
+        rows.append({"seed": seed, "run": START, "step": 0, "indexed": n_idb - int(n_idb * 0.25 + 0.5),
+                     "added": "-", **start})
         for steps in (1, 5):
             rows += [{"seed": seed, **r} for r in grow_in_steps(base, steps, extra + ["--seed", str(seed)])]
     lines = markdown_table(rows, ["seed"] + GROW_COLUMNS) + [""] + markdown_table(grow_summary(rows), SUMMARY_COLUMNS)
