@@ -18,8 +18,8 @@ needs no training: the models are untrained and the database vectors random (sam
 
 `--grow` measures what growing an index costs (grow.py): index 75 % of the IDB (`train.py --index-hold-out
 0.25`), then add the other 25 % in one step and, from the same start, in 5 steps; per step the new images'
-IA@1, the old ones', and P@10 / MAP@10 of the run's test queries (same class = relevant); against indexing
-the whole IDB from scratch. Zero-shot models (`--no-finetune`): growth concerns the index, not retrieval.
+IA@1, the old ones', P@10 / MAP@10 of the run's test queries (same class = relevant) and P@10 of all its
+queries (none of which a zero-shot model has seen); against indexing the whole IDB from scratch. Zero-shot models (`--no-finetune`): growth concerns the index, not retrieval.
 The two indexing runs are train.py processes; the steps run in this process on the checkpoint they wrote.
 `--reuse` takes those two runs from `--out` when they hold a finished run of the same flags (a changed
 addition flag, such as `--replay`, then costs only the additions).
@@ -226,7 +226,7 @@ def latency_main(a: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- growing an index
 
 GROW_COLUMNS = ["run", "step", "indexed", "added", "epochs", "train s", "wall s", "new IA@1", "old IA@1",
-                "test P@10", "test MAP@10"]
+                "test P@10", "test MAP@10", "all-query P@10"]
 
 
 SCRATCH, START = "whole IDB from scratch", "75 % index (the start)"    # the two index runs' row names
@@ -267,17 +267,29 @@ def index_run(a: argparse.Namespace, seed: int, name: str, flags: list[str], ext
                  "old IA@1": row["IA@1"], "test P@10": row["P@10"], "test MAP@10": row["MAP@10"]}
 
 
-def test_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, images: torch.Tensor,
-                device: torch.device) -> dict:
-    """P@10 and MAP@10 of the run's test queries against the IDs the grown index can write (same class)."""
+def query_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, images: torch.Tensor,
+                 device: torch.device) -> dict:
+    """P@10 and MAP@10 of the run's test queries against the IDs the grown index can write (same class), and
+    P@10 over all its queries (train, validation and test: 1536 at db 2048). A zero-shot model has seen none of
+    them, and ten times the queries shrink the part of a P@10 difference that is only the luck of the draw."""
     live = train.live_ids(ckpt)
     position = {ref: i for i, ref in enumerate(imageset.refs)}
     ref_of = dict(zip(ckpt["ids"], ckpt["idb_refs"]))
-    relevant = data.relevant_sets([imageset.labels[i] for i in split.test],
-                                  [imageset.labels[position[ref_of[i]]] for i in live], live)
-    ranked, _ = train.rank_dsi(model, images[torch.as_tensor(split.test)], IDTrie(live), 10, None, device)
-    scores = metrics.retrieval_metrics(ranked, relevant)
-    return {"test P@10": scores["P@10"], "test MAP@10": scores["MAP@10"]}
+    idb_labels = [imageset.labels[position[ref_of[i]]] for i in live]
+    scores, trie = {}, IDTrie(live)
+    for name, queries in (("test", split.test), ("all-query", np.concatenate([split.train, split.val, split.test]))):
+        relevant = data.relevant_sets([imageset.labels[i] for i in queries], idb_labels, live)
+        ranked, _ = train.rank_dsi(model, images[torch.as_tensor(queries)], trie, 10, None, device)
+        scores |= {f"{name} {m}": v for m, v in metrics.retrieval_metrics(ranked, relevant).items()}
+    return {k: scores[k] for k in ("test P@10", "test MAP@10", "all-query P@10")}
+
+
+def run_scores(out: str) -> dict:
+    """query_scores of a finished train.py run, read from its checkpoint."""
+    model, ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    imageset, split = grow.rebuild_run(ckpt, train.Log(os.path.join(out, "scores.log"), quiet=True))
+    device = train.pick_device(ckpt["args"]["device"])
+    return query_scores(model, ckpt, imageset, split, data.images_to_tensor(imageset.images), device)
 
 
 def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]:
@@ -305,23 +317,23 @@ def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]
                      "indexed": len(train.live_ids(ckpt)), "added": report["added"], "epochs": report["epochs"],
                      "train s": report["seconds"], "wall s": round(time.perf_counter() - t0, 1),
                      "new IA@1": report["new_IA@1"], "old IA@1": report["old_IA@1"],
-                     **test_scores(model, ckpt, imageset, split, images, device)})
+                     **query_scores(model, ckpt, imageset, split, images, device)})
         print(" | ".join(f"{c} {fmt(rows[-1][c], c)}" for c in GROW_COLUMNS), flush=True)
     return rows
 
 
-SUMMARY_COLUMNS = ["run", "seeds", "test P@10 mean", "sd", "vs scratch (means)", "vs scratch (per seed)",
+SUMMARY_COLUMNS = ["run", "seeds", "P@10 mean", "sd", "vs scratch (means)", "vs scratch (per seed)",
                    "per-seed se", "train s vs scratch (per seed)", "new IA@1 min", "old IA@1 min"]
 
 
-def grow_summary(rows: list[dict]) -> list[dict]:
-    """One line per run over the seeds: the test P@10 each ends with (mean, sd), against the from-scratch
+def grow_summary(rows: list[dict], metric: str = "test P@10") -> list[dict]:
+    """One line per run over the seeds: the `metric` each ends with (mean, sd), against the from-scratch
     runs' mean and, per seed, against its own scratch run (range, and the standard error of their mean);
     the training time against scratch (all steps of a run together); the least new and old IA@1 seen in any
     step. A scratch run's P@10 moves by more than 5 % from seed to seed, so one seed's pair says little."""
     seeds = sorted({r["seed"] for r in rows})
     scratch = {r["seed"]: r for r in rows if r["run"] == SCRATCH}
-    base_p10 = float(np.mean([scratch[s]["test P@10"] for s in seeds]))
+    base_p10 = float(np.mean([scratch[s][metric] for s in seeds]))
     summary = []
     for run in dict.fromkeys(r["run"] for r in rows):
         last, seconds, new_ia, old_ia = {}, {}, [], []
@@ -331,12 +343,12 @@ def grow_summary(rows: list[dict]) -> list[dict]:
             if r.get("new IA@1") is not None:
                 new_ia.append(r["new IA@1"])
             old_ia.append(r["old IA@1"])
-        p10 = np.array([last[s]["test P@10"] for s in seeds])
-        paired = [last[s]["test P@10"] / scratch[s]["test P@10"] - 1 for s in seeds]
+        p10 = np.array([last[s][metric] for s in seeds])
+        paired = [last[s][metric] / scratch[s][metric] - 1 for s in seeds]
         time_ratio = [seconds[s] / scratch[s]["train s"] for s in seeds]
         grown = run not in (SCRATCH, START)
         summary.append({
-            "run": run, "seeds": len(seeds), "test P@10 mean": float(p10.mean()),
+            "run": run, "seeds": len(seeds), "P@10 mean": float(p10.mean()),
             "sd": float(p10.std(ddof=1)) if len(seeds) > 1 else None,
             "vs scratch (means)": f"{100 * (p10.mean() / base_p10 - 1):+.1f} %",
             "vs scratch (per seed)": f"{100 * min(paired):+.1f} to {100 * max(paired):+.1f} %",
@@ -359,20 +371,25 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
         torch.set_num_threads(int(threads[-1]))
     rows = []
     for seed in a.seeds:
-        _, scratch = index_run(a, seed, "scratch", [], extra)
+        scratch_out, scratch = index_run(a, seed, "scratch", [], extra)
         base, start = index_run(a, seed, "base-75", ["--index-hold-out", "0.25"], extra)
         n_idb = data.split_sizes(a.db_size)[0]
-        rows.append({"seed": seed, "run": SCRATCH, "step": "-", "indexed": n_idb, "added": "-", **scratch})
+        rows.append({"seed": seed, "run": SCRATCH, "step": "-", "indexed": n_idb, "added": "-", **scratch,
+                     "all-query P@10": run_scores(scratch_out)["all-query P@10"]})
         rows.append({"seed": seed, "run": START, "step": 0, "indexed": n_idb - int(n_idb * 0.25 + 0.5),
-                     "added": "-", **start})
+                     "added": "-", **start, "all-query P@10": run_scores(base)["all-query P@10"]})
         for steps in (1, 5):
             rows += [{"seed": seed, **r} for r in grow_in_steps(base, steps, extra + ["--seed", str(seed)])]
-    lines = markdown_table(rows, ["seed"] + GROW_COLUMNS) + [""] + markdown_table(grow_summary(rows), SUMMARY_COLUMNS)
+    lines = markdown_table(rows, ["seed"] + GROW_COLUMNS)
+    for metric, what in (("test P@10", "the test queries"), ("all-query P@10", "all the queries")):
+        lines += ["", f"Over the seeds, P@10 of {what}:", ""]
+        lines += markdown_table(grow_summary(rows, metric), SUMMARY_COLUMNS)
     text = "\n".join(lines) + (
         f"\n\n{'imagenette' if a.data_root else 'synthetic'} db {a.db_size}, ids {a.ids}, seeds "
         f"{' '.join(map(str, a.seeds))}; zero-shot models. old IA@1: images indexed before the step (scratch and "
         f"start rows: all indexed); test P@10 / MAP@10: the run's test queries against every indexed image of "
-        f"the same class. train s: training epochs only; wall s: the whole step (scratch and start rows: the "
+        f"the same class; all-query P@10: every query of the run (train, validation and test; a zero-shot model "
+        f"has seen none). train s: training epochs only; wall s: the whole step (scratch and start rows: the "
         f"whole train.py run). Over the seeds: each run's last step; sd across seeds; vs scratch (means): its "
         f"mean P@10 against the scratch runs' mean; per seed: against the same seed's scratch run (range; se: "
         f"standard error of the mean of those ratios); train s: all its steps against the same seed's scratch "

@@ -35,17 +35,20 @@ def test_grow_reuses_only_a_finished_run_of_the_same_flags(tmp_path):
 
 def test_grow_summary_compares_means_and_each_seed_with_its_own_scratch_run():
     def row(seed, run, p10, seconds, new=None, old=1.0):
-        return {"seed": seed, "run": run, "test P@10": p10, "train s": seconds, "new IA@1": new, "old IA@1": old}
+        return {"seed": seed, "run": run, "test P@10": p10, "all-query P@10": p10 / 2, "train s": seconds,
+                "new IA@1": new, "old IA@1": old}
     scratch, five = "whole IDB from scratch", "75 % + 25 % in 5 steps"
     rows = [row(0, scratch, 0.30, 100.0), row(0, five, 0.25, 5.0, 1.0, 0.99), row(0, five, 0.27, 5.0, 0.98, 0.985),
             row(1, scratch, 0.20, 200.0), row(1, five, 0.24, 20.0, 1.0, 1.0)]
     by_run = {r["run"]: r for r in benchmark.grow_summary(rows)}
     s, f = by_run[scratch], by_run[five]
-    assert s["seeds"] == 2 and abs(s["test P@10 mean"] - 0.25) < 1e-9 and s["vs scratch (means)"] == "+0.0 %"
-    assert abs(f["test P@10 mean"] - 0.255) < 1e-9                    # the last step of each seed: 0.27, 0.24
+    assert s["seeds"] == 2 and abs(s["P@10 mean"] - 0.25) < 1e-9 and s["vs scratch (means)"] == "+0.0 %"
+    assert abs(f["P@10 mean"] - 0.255) < 1e-9                    # the last step of each seed: 0.27, 0.24
     assert f["vs scratch (means)"] == "+2.0 %"                         # 0.255 / 0.25
     assert f["vs scratch (per seed)"] == "-10.0 to +20.0 %"            # 0.27 / 0.30, 0.24 / 0.20
     assert f["per-seed se"] == "15.0 %"                                # sd(-0.1, +0.2) / sqrt(2)
     assert f["train s vs scratch (per seed)"] == "0.10-0.10x"          # (5 + 5) / 100, 20 / 200
     assert (f["new IA@1 min"], f["old IA@1 min"], s["new IA@1 min"]) == (0.98, 0.985, None)
     assert abs(f["sd"] - 0.0212132) < 1e-6
+    halves = {r["run"]: r for r in benchmark.grow_summary(rows, "all-query P@10")}[five]    # the metric asked for
+    assert abs(halves["P@10 mean"] - 0.1275) < 1e-9 and halves["vs scratch (per seed)"] == "-10.0 to +20.0 %"

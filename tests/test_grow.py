@@ -1,8 +1,10 @@
 """Growing a trained index (grow.py): added images become retrievable and the old ones stay, IDs fit the
 scheme, removed IDs are never decoded, and bad input exits 2 with one line. One tiny index is trained
 once (a quarter of its IDB held out, as benchmark.py --grow does), and everything is added to copies."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -176,6 +178,27 @@ def test_grow_experiment_runs_its_steps(base):
     assert [r["step"] for r in rows] == [1, 2] and [r["added"] for r in rows] == [4, 4]
     assert rows[-1]["indexed"] == 32 and all(r["new IA@1"] >= 0.98 for r in rows)
     assert all(0.0 <= r["test P@10"] <= 1.0 and 0.0 <= r["test MAP@10"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["all-query P@10"] <= 1.0 for r in rows)
+
+
+def test_all_query_p10_scores_every_query_of_the_run(base):
+    root, _, _ = base
+    model, ckpt = train.load_checkpoint(str(root / "base" / "checkpoint.pt"))
+    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))
+    images, cpu = data.images_to_tensor(imageset.images), torch.device("cpu")
+    full = benchmark.query_scores(model, ckpt, imageset, split, images, cpu)
+    assert full == benchmark.run_scores(str(root / "base"))          # read from the run's folder alike
+    # with the test queries alone, all-query P@10 is test P@10; with every query, it is their query-weighted mean
+    empty = np.array([], dtype=np.int64)
+    alone = benchmark.query_scores(model, ckpt, imageset, dataclasses.replace(split, train=empty, val=empty),
+                                   images, cpu)
+    assert alone["all-query P@10"] == alone["test P@10"] == full["test P@10"]
+    parts = [benchmark.query_scores(model, ckpt, imageset, dataclasses.replace(split, train=empty, val=empty, test=q),
+                                    images, cpu)["test P@10"] for q in (split.train, split.val)]
+    held = set().union(*(imageset.labels[imageset.refs.index(r)] for r in ckpt["idb_refs"]))
+    sizes = [sum(bool(imageset.labels[i] & held) for i in q) for q in (split.train, split.val, split.test)]  # R > 0
+    expected = np.dot(parts + [full["test P@10"]], sizes) / sum(sizes)
+    assert abs(full["all-query P@10"] - expected) < 1e-9
 
 
 def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
