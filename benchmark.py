@@ -19,7 +19,8 @@ needs no training: the models are untrained and the database vectors random (sam
 `--grow` measures what growing an index costs (grow.py): index 75 % of the IDB (`train.py --index-hold-out
 0.25`), then add the other 25 % in one step and, from the same start, in 5 steps; per step the new images'
 IA@1, the old ones', P@10 / MAP@10 of the run's test queries (same class = relevant) and P@10 of all its
-queries (none of which a zero-shot model has seen); against indexing the whole IDB from scratch. Zero-shot models (`--no-finetune`): growth concerns the index, not retrieval.
+queries (none of which a zero-shot model has seen); against indexing the whole IDB from scratch. Zero-shot
+models (`--no-finetune`): growth concerns the index, not retrieval.
 The two indexing runs are train.py processes; the steps run in this process on the checkpoint they wrote.
 `--reuse` takes those two runs from `--out` when they hold a finished run of the same flags (a changed
 addition flag, such as `--replay`, then costs only the additions).
@@ -287,7 +288,7 @@ def query_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, 
 def run_scores(out: str) -> dict:
     """query_scores of a finished train.py run, read from its checkpoint."""
     model, ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    imageset, split = grow.rebuild_run(ckpt, train.Log(os.path.join(out, "scores.log"), quiet=True))
+    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))
     device = train.pick_device(ckpt["args"]["device"])
     return query_scores(model, ckpt, imageset, split, data.images_to_tensor(imageset.images), device)
 
