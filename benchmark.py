@@ -41,7 +41,8 @@ import bovw
 import data
 import grow
 import metrics
-import train
+from support import cli, engine, sources, store
+from support.run import Log, UsageError, pick_device
 from de import DualEncoder, rank_cosine
 from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
 
@@ -103,7 +104,7 @@ def validation_curve(out: str) -> list[float]:
 
 
 def replay(curve: list[float], patience: int, min_epochs: int) -> tuple[int, int, float]:
-    """(epoch stopped at, epoch kept, its validation MAP@10) under train.EarlyStopping's rule."""
+    """(epoch stopped at, epoch kept, its validation MAP@10) under engine.EarlyStopping's rule."""
     best, kept, bad = -1.0, 0, 0
     for epoch, score in enumerate(curve, start=1):
         if score > best:
@@ -206,7 +207,7 @@ def draw_latency(rows: list[dict], path: str) -> None:
 
 
 def latency_main(a: argparse.Namespace) -> int:
-    queries = data.make_synthetic(a.queries, seed=a.seeds[0] + 1).images                # (B, 160, 160, 3)
+    queries = sources.make_synthetic(a.queries, seed=a.seeds[0] + 1).images                # (B, 160, 160, 3)
     rows = []
     for n in a.sizes:
         rows.append(latency_row(n, queries, a.seeds[0]))
@@ -243,7 +244,7 @@ def same_run(out: str, cmd: list[str]) -> bool:
             stored = json.load(f)["args"]
     except (OSError, ValueError, KeyError):
         return False
-    wanted = json.loads(json.dumps(vars(train.build_parser().parse_args(cmd[2:]))))
+    wanted = json.loads(json.dumps(vars(cli.build_parser().parse_args(cmd[2:]))))
     strip = lambda args: {k: v for k, v in args.items() if k not in ADDITION_FLAGS}  # noqa: E731
     return strip(stored) == strip(wanted)
 
@@ -268,19 +269,19 @@ def index_run(a: argparse.Namespace, seed: int, name: str, flags: list[str], ext
                  "old IA@1": row["IA@1"], "test P@10": row["P@10"], "test MAP@10": row["MAP@10"]}
 
 
-def query_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, images: torch.Tensor,
+def query_scores(model, ckpt: dict, imageset: sources.ImageSet, split: data.Split, images: torch.Tensor,
                  device: torch.device) -> dict:
     """P@10 and MAP@10 of the run's test queries against the IDs the grown index can write (same class), and
     P@10 over all its queries (train, validation and test: 1536 at db 2048). A zero-shot model has seen none of
     them, and ten times the queries shrink the part of a P@10 difference that is only the luck of the draw."""
-    live = train.live_ids(ckpt)
+    live = store.live_ids(ckpt)
     position = {ref: i for i, ref in enumerate(imageset.refs)}
     ref_of = dict(zip(ckpt["ids"], ckpt["idb_refs"]))
     idb_labels, trie = [imageset.labels[position[ref_of[i]]] for i in live], IDTrie(live)
 
     def scored(queries: np.ndarray) -> dict:
         relevant = data.relevant_sets([imageset.labels[i] for i in queries], idb_labels, live)
-        ranked, _ = train.rank_dsi(model, images[torch.as_tensor(queries)], trie, 10, None, device)
+        ranked, _ = engine.rank_dsi(model, images[torch.as_tensor(queries)], trie, 10, None, device)
         return metrics.retrieval_metrics(ranked, relevant)
     # The test queries are ranked on their own, in the batches train.py ranks them in, so that the scratch and
     # start rows' test scores (read from results.json) and the steps' come from the same search; ranking them
@@ -291,35 +292,35 @@ def query_scores(model, ckpt: dict, imageset: data.ImageSet, split: data.Split, 
 
 def run_scores(out: str) -> dict:
     """query_scores of a finished train.py run, read from its checkpoint."""
-    model, ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))
-    device = train.pick_device(ckpt["args"]["device"])
+    model, ckpt = store.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    imageset, split = grow.rebuild_run(ckpt, Log(quiet=True))
+    device = pick_device(ckpt["args"]["device"])
     return query_scores(model, ckpt, imageset, split, data.images_to_tensor(imageset.images), device)
 
 
 def grow_in_steps(base: str, steps: int, settings_args: list[str]) -> list[dict]:
     """Add the images the base run held out, in `steps` stratified steps, to a fresh copy of its model."""
-    model, ckpt = train.load_checkpoint(os.path.join(base, "checkpoint.pt"))
-    log = train.Log(os.path.join(base, f"grow-{steps}-steps.log"), quiet=True)
+    model, ckpt = store.load_checkpoint(os.path.join(base, "checkpoint.pt"))
+    log = Log(os.path.join(base, f"grow-{steps}-steps.log"), quiet=True)
     imageset, split = grow.rebuild_run(ckpt, log)
     position = {ref: i for i, ref in enumerate(imageset.refs)}
     held = np.array([position[ref] for ref in ckpt["held_out"]])
     sizes = [len(held) // steps + (k < len(held) % steps) for k in range(steps)]
-    device = train.pick_device(ckpt["args"]["device"])
-    settings = grow.settings_from_args(train.build_parser().parse_args(settings_args),
-                                       train.recipe_from_args(argparse.Namespace(**ckpt["args"])))
+    device = pick_device(ckpt["args"]["device"])
+    settings = grow.settings_from_args(cli.build_parser().parse_args(settings_args),
+                                       cli.recipe_from_args(argparse.Namespace(**ckpt["args"])))
     images, rows = data.images_to_tensor(imageset.images), []
     for k, part in enumerate(data.stratified_subsets(imageset.primary[held], sizes, ckpt["seed"]), start=1):
         chosen = held[part]
-        live = set(train.live_ids(ckpt))
+        live = set(store.live_ids(ckpt))
         old = images[torch.as_tensor([position[r] for i, r in zip(ckpt["ids"], ckpt["idb_refs"]) if i in live])]
         additions = grow.Additions(imageset.images[chosen], [imageset.refs[i] for i in chosen],
                                    [int(imageset.primary[i]) for i in chosen])
         t0 = time.perf_counter()
-        ckpt, report = grow.add_to_index(model, ckpt, additions, grow.Replay(old, train.live_ids(ckpt)), settings,
+        ckpt, report = grow.add_to_index(model, ckpt, additions, grow.Replay(old, store.live_ids(ckpt)), settings,
                                          device, log)
         rows.append({"run": f"75 % + 25 % in {steps} step{'s' if steps > 1 else ''}", "step": k,
-                     "indexed": len(train.live_ids(ckpt)), "added": report["added"], "epochs": report["epochs"],
+                     "indexed": len(store.live_ids(ckpt)), "added": report["added"], "epochs": report["epochs"],
                      "train s": report["seconds"], "wall s": round(time.perf_counter() - t0, 1),
                      "new IA@1": report["new_IA@1"], "old IA@1": report["old_IA@1"],
                      **query_scores(model, ckpt, imageset, split, images, device)})
@@ -400,7 +401,7 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
         f"standard error of the mean of those ratios); train s: all its steps against the same seed's scratch "
         f"run.\n" + (f"Extra flags: {' '.join(extra)}\n" if extra else ""))
     os.makedirs(a.out, exist_ok=True)
-    train.atomic_write(os.path.join(a.out, f"grow-{a.db_size}-{a.ids}.md"), lambda f: f.write(text), text=True)
+    store.atomic_write(os.path.join(a.out, f"grow-{a.db_size}-{a.ids}.md"), lambda f: f.write(text), text=True)
     print(text)
     return 0
 
@@ -431,7 +432,7 @@ def main() -> int:
     if a.grow:
         try:
             return grow_main(a, extra)
-        except (train.UsageError, data.DataError) as e:   # e.g. random IDs with no digit left for the additions
+        except (UsageError, sources.DataError) as e:   # e.g. random IDs with no digit left for the additions
             raise SystemExit(f"error: {e}") from None
     roots = ([] if a.no_synthetic else [None]) + ([a.data_root] if a.data_root else [])
     if not roots:

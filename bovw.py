@@ -319,9 +319,7 @@ def hierarchical_ids(
         raise ValueError(f"hierarchical_ids: branches={branches}, leaf_size={leaf_size} do not fit one decimal "
                          "digit per level; use 2 <= branches <= 10 and 1 <= leaf_size <= 10")
     ids = [""] * len(x)
-    # (items in input order, their common prefix). A stack instead of recursion: a lopsided tree cannot hit
-    # Python's recursion limit.
-    stack = [(np.arange(len(x)), "")]
+    stack = [(np.arange(len(x)), "")]   # (items, their prefix); a stack, so no tree is too deep for Python
     while stack:
         members, prefix = stack.pop()
         if len(members) <= leaf_size:

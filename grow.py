@@ -2,7 +2,7 @@
 
 A DSI keeps its database in its weights, so adding an image means teaching the model one more ID, and
 teaching it new IDs can make it forget old ones (the problem DSI++, Mehta et al. 2023, studies for text).
-This chapter adds images with the indexing phase's own machinery (train.py: `Pool`, `Trainer`,
+This chapter adds images with the indexing phase's own machinery (support/engine.py: `Pool`, `Trainer`,
 `run_epoch`, the recipe's lr schedule and arithmetic) and measures what the old images lose:
 
   1. `new_ids`: each new image gets an ID that fits the scheme. random: the next free numbers, as long as
@@ -28,7 +28,6 @@ Removed IDs stay in the checkpoint (with their images) and are never given to an
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -40,8 +39,9 @@ import torch
 
 import data
 import metrics
-import train
-from train import UsageError
+from support import cli, engine, sources, store
+from support.recipes import Recipe
+from support.run import Log, UsageError, fmt_seconds, pick_device, use_bf16
 from vitdsi import IDTrie, ViTDSI, set_dropout
 
 
@@ -59,7 +59,7 @@ class Additions:
 
 def image_files(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if not f.startswith(".") and f.lower().endswith(data.IMAGE_EXTENSIONS)]
+            if not f.startswith(".") and f.lower().endswith(sources.IMAGE_EXTENSIONS)]
 
 
 def list_additions(paths: list[str], class_names: list[str]) -> list[tuple[str, int]]:
@@ -79,7 +79,7 @@ def list_additions(paths: list[str], class_names: list[str]) -> list[tuple[str, 
         else:
             raise UsageError(f"--add: '{path}' not found; pass image files or ImageFolder folders")
     if not found:
-        raise UsageError(f"--add: no image files ({' '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+        raise UsageError(f"--add: no image files ({' '.join(sources.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
     return found
 
 
@@ -93,8 +93,8 @@ def read_additions(paths: list[str], ckpt: dict, image_size: int) -> Additions:
             raise UsageError(f"--add: '{file}' is already indexed" + (f" (ID {indexed[file]})" if file in indexed
                                                                        else " (named twice)") + "; add it once")
         try:
-            images.append(data.read_image(file, image_size, aspect_range=None))
-        except data.UnreadableImage:
+            images.append(sources.read_image(file, image_size, aspect_range=None))
+        except sources.UnreadableImage:
             raise UsageError(f"--add: cannot decode '{file}' as an image; pass JPEG/PNG/BMP files") from None
         refs.append(file)
         classes.append(cls)
@@ -165,7 +165,7 @@ class GrowSettings:
     frozen: int | None = None   # encoder blocks (from the patches up) not trained, their output cached; None = all
 
 
-def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSettings:
+def settings_from_args(a: argparse.Namespace, recipe: Recipe) -> GrowSettings:
     return GrowSettings(replay=a.replay, replay_min=a.replay_min,
                         lr=a.add_lr if a.add_lr is not None else recipe.lr / 4, epochs=a.add_epochs,
                         target=a.index_target_acc, settle=a.settle, beam=a.beam, seed=a.seed,
@@ -176,13 +176,13 @@ def settings_from_args(a: argparse.Namespace, recipe: train.Recipe) -> GrowSetti
 class Replay:
     """What an addition rehearses besides the new images: the old index, and a fine-tuned run's queries."""
     images: torch.Tensor                        # (n_old, 3, S, S) uint8: the images of `ids`
-    ids: list[str]                              # the old IDs still decodable (train.live_ids), in order
+    ids: list[str]                              # the old IDs still decodable (store.live_ids), in order
     queries: torch.Tensor | None = None         # (n_q, 3, S, S) uint8: training queries of a fine-tuned run
     relevant: list[list[int]] | None = None     # per query, positions in `ids` of its relevant old images
 
 
 def addition_pool(new_images: torch.Tensor, ids_new: list[str], replay: Replay, augment: bool,
-                  gen: torch.Generator) -> train.Pool:
+                  gen: torch.Generator) -> engine.Pool:
     """The pool an addition trains on: new images, old images (each with its own ID), then training
     queries, each with one of its relevant IDs drawn at every step and shown augmented when the recipe's
     retrieval phase did so, as in that phase."""
@@ -197,16 +197,16 @@ def addition_pool(new_images: torch.Tensor, ids_new: list[str], replay: Replay, 
         return tokens[torch.tensor(rows)].unsqueeze(1)
 
     augmented = (torch.arange(n_fixed + len(queries)) >= n_fixed) & augment
-    return train.Pool(torch.cat([new_images, replay.images, queries]), targets, augmented)
+    return engine.Pool(torch.cat([new_images, replay.images, queries]), targets, augmented)
 
 
 def replay_order(n_new: int, n_old: int, n_q: int, n_replay: int, gen: torch.Generator) -> torch.Tensor:
     """One epoch's pool indices: every new image, and `n_replay` old pairs spread evenly over the old
     images (and, for a fine-tuned run, half of them over its training queries), shuffled."""
     n_from_queries = n_replay // 2 if n_q else 0
-    parts = [torch.arange(n_new), n_new + train.spread(n_replay - n_from_queries, n_old, gen)]
+    parts = [torch.arange(n_new), n_new + engine.spread(n_replay - n_from_queries, n_old, gen)]
     if n_q:   # a checkpoint always keeps an old ID (n_old >= 1); a zero-shot run has no queries to replay
-        parts.append(n_new + n_old + train.spread(n_from_queries, n_q, gen))
+        parts.append(n_new + n_old + engine.spread(n_from_queries, n_q, gen))
     order = torch.cat(parts)
     return order[torch.randperm(len(order), generator=gen)]
 
@@ -231,7 +231,7 @@ class SettlingSchedule:
     def __call__(self, step: int) -> float:
         if self.start is None:
             return self.base(step)
-        return train.half_cosine(min(1.0, (step - self.start) / self.length), self.top, SETTLE_FLOOR)
+        return engine.half_cosine(min(1.0, (step - self.start) / self.length), self.top, SETTLE_FLOOR)
 
     def settle(self, step: int, length: int) -> None:
         """Start the decay at `step`, over `length` steps (only the first call counts)."""
@@ -239,12 +239,12 @@ class SettlingSchedule:
             self.start, self.top, self.length = step, self.base(step), max(1, length)
 
 
-def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
-                    replay: Replay, trie: IDTrie, s: GrowSettings, log: train.Log) -> dict:
+def learn_additions(model: ViTDSI, recipe: Recipe, device: torch.device, new: tuple[torch.Tensor, list[str]],
+                    replay: Replay, trie: IDTrie, s: GrowSettings, log: Log) -> dict:
     """Teach the model the new (image, ID) pairs, mixed with old pairs so that it keeps them (rehearsal, as in
     the retrieval phase, Tay et al. §4.4). `new` = uint8 images (n, 3, S, S) and their IDs. Training ends when
     the new images' IA@1 AND the old images' IA@1 reach the target: a few new IDs are learnt in a few epochs,
-    while the old ones they disturbed may still need the replay to settle. Like `train.index`, the cheap
+    while the old ones they disturbed may still need the replay to settle. Like train.py's `index`, the cheap
     teacher-forced exact match gates the beam-search checks: of the new images, and of a random sample of
     the old ones (`GATE_SAMPLE`, drawn by a generator of its own, so the gate changes no step of training).
     Returns epochs, seconds, the new and the old images' IA@1 and the optimizer."""
@@ -256,15 +256,14 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
     new_targets = data.ids_to_tensor(ids_new).unsqueeze(1)                      # (n_new, 1, L)
     old_targets = data.ids_to_tensor(replay.ids).unsqueeze(1) if n_old else None  # (n_old, 1, L)
     gate_gen = torch.Generator().manual_seed(s.seed + 2)
-    optimizer = train.make_optimizer(model, recipe, s.lr)
     steps = math.ceil((len(ids_new) + n_replay) / recipe.batch_size)
-    schedule = SettlingSchedule(train.lr_lambda(recipe, steps, s.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bf16 = train.use_bf16(recipe.precision, device)
-    trainer = train.Trainer(model, optimizer, scheduler, device, bf16,
-                            augment_gen=torch.Generator().manual_seed(s.seed + 1))
-    k = len(model.encoder) if s.frozen is None else s.frozen
-    frozen = [model.patch_embedding, *model.encoder[:k]] if k else []
+    schedule = SettlingSchedule(engine.lr_lambda(recipe, steps, s.epochs))
+    bf16 = use_bf16(recipe.precision, device)
+    trainer = engine.make_trainer(model, recipe, s.lr, steps, s.epochs, device, bf16, augment_seed=s.seed + 1,
+                                  schedule=schedule)
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    k = len(model.encoder.blocks) if s.frozen is None else s.frozen
+    frozen = [model.encoder.patch_embedding, *model.encoder.blocks[:k]] if k else []
     for part in frozen:    # the layers above learn the new IDs from what the frozen bottom already sees
         part.requires_grad_(False)
     if frozen:
@@ -276,12 +275,12 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
         epoch += 1
         t0 = time.perf_counter()
         order = replay_order(len(ids_new), n_old, n_q, n_replay, gen)
-        loss, acc, _ = train.run_epoch(trainer, pool, order, recipe.batch_size)
-        _, new_acc = train.eval_loss(model, new_images, new_targets, 2 * recipe.batch_size, device, bf16)
+        loss, acc, _ = engine.run_epoch(trainer, pool, order, recipe.batch_size)
+        _, new_acc = engine.eval_loss(model, new_images, new_targets, 2 * recipe.batch_size, device, bf16)
         learnt, old_acc = new_acc >= s.target, 1.0   # until the new IDs are learnt, no check is due
         if learnt and n_old:
             sample = torch.randperm(n_old, generator=gate_gen)[:GATE_SAMPLE]                # (<= GATE_SAMPLE,)
-            _, old_acc = train.eval_loss(model, replay.images[sample], old_targets[sample], 2 * recipe.batch_size,
+            _, old_acc = engine.eval_loss(model, replay.images[sample], old_targets[sample], 2 * recipe.batch_size,
                                          device, bf16)
         if learnt and s.settle:   # let the lr settle, so that the old IDs the new ones disturbed recover
             schedule.settle(epoch * steps, round(s.settle * epoch * steps))
@@ -300,16 +299,11 @@ def learn_additions(model: ViTDSI, recipe: train.Recipe, device: torch.device, n
             "optimizer": optimizer}
 
 
-@torch.no_grad()
 def encoded_until(model: ViTDSI, images: torch.Tensor, k: int, device: torch.device, bf16: bool,
                   batch_size: int = 64) -> torch.Tensor:
-    """model.encode_until(images, k) (n, N, D) of uint8 images (n, 3, S, S), dropout off, batch by batch."""
+    """model.encoder.until(images, k) (n, N, D) of uint8 images (n, 3, S, S), dropout off, batch by batch."""
     model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(model.encode_until(data.normalize(images[start:start + batch_size].to(device)), k))
-    return torch.cat(out)
+    return torch.cat(engine.in_batches(images, batch_size, device, lambda x, _: model.encoder.until(x, k), bf16))
 
 
 def ia_at_1(model: ViTDSI, images: torch.Tensor, ids: list[str], trie: IDTrie, s: GrowSettings,
@@ -317,7 +311,7 @@ def ia_at_1(model: ViTDSI, images: torch.Tensor, ids: list[str], trie: IDTrie, s
     """IA@1 of `images` against their own `ids`, by constrained beam search; None when there are none."""
     if not ids:
         return None
-    ranked, _ = train.rank_dsi(model, images, trie, 1, s.beam, device)
+    ranked, _ = engine.rank_dsi(model, images, trie, 1, s.beam, device)
     return metrics.indexing_accuracy(ranked, ids, 1)
 
 
@@ -329,7 +323,7 @@ def decoded_ids(model: ViTDSI, ckpt: dict, additions: Additions, new_images: tor
     decode = [j for j, c in enumerate(additions.classes)
               if ckpt["ids_scheme"] == "semantic" or (ckpt["ids_scheme"] == "clustered" and c < 0)]
     if decode:
-        ranked, _ = train.rank_dsi(model, new_images[torch.as_tensor(decode)], IDTrie(train.live_ids(ckpt)), 1,
+        ranked, _ = engine.rank_dsi(model, new_images[torch.as_tensor(decode)], IDTrie(store.live_ids(ckpt)), 1,
                                    s.beam, device)
         for j, hyps in zip(decode, ranked):
             nearest[j] = hyps[0]
@@ -337,16 +331,16 @@ def decoded_ids(model: ViTDSI, ckpt: dict, additions: Additions, new_images: tor
 
 
 def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, replay: Replay, s: GrowSettings,
-                 device: torch.device, log: train.Log) -> tuple[dict, dict]:
+                 device: torch.device, log: Log) -> tuple[dict, dict]:
     """Index `additions` into the model of checkpoint `ckpt` (in place), rehearsing `replay` (whose `ids`
-    are `train.live_ids(ckpt)`), and return the grown checkpoint and the report."""
-    recipe = train.recipe_from_args(argparse.Namespace(**ckpt["args"]))
+    are `store.live_ids(ckpt)`), and return the grown checkpoint and the report."""
+    recipe = cli.recipe_from_args(argparse.Namespace(**ckpt["args"]))
     model.to(device)
     new_images = data.images_to_tensor(additions.images)
     ids, classes = decoded_ids(model, ckpt, additions, new_images, s, device)
     grown = {**ckpt, "ids": ckpt["ids"] + ids, "idb_refs": ckpt["idb_refs"] + additions.refs,
              "idb_classes": ckpt["idb_classes"] + classes}
-    trie_before, trie = IDTrie(replay.ids), IDTrie(train.live_ids(grown))
+    trie_before, trie = IDTrie(replay.ids), IDTrie(store.live_ids(grown))
     shown = ", ".join(ids[:8]) + (", ..." if len(ids) > 8 else "")
     n_q = len(replay.queries) if replay.queries is not None else 0
     log(f"add: {len(ids)} images -> IDs {shown} ({ckpt['ids_scheme']}), replaying {s.replay:g} old pairs per new "
@@ -358,19 +352,19 @@ def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, replay: Replay
     report = {"added": len(ids), "new_ids": ids, "new_IA@1": learned["new_ia"], "old_IA@1_before": old_before,
               "old_IA@1": old_after, "epochs": learned["epochs"], "seconds": round(learned["seconds"], 2),
               "replay": s.replay, "lr": s.lr, "old_images": len(replay.ids), "replayed_queries": n_q}
-    log(f"add: {learned['epochs']} epochs in {train.fmt_seconds(learned['seconds'])}; new images IA@1 "
+    log(f"add: {learned['epochs']} epochs in {fmt_seconds(learned['seconds'])}; new images IA@1 "
         f"{learned['new_ia']:.3f}; old images IA@1 {old_before:.3f} -> {old_after:.3f}")
     grown.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                  optimizer=learned["optimizer"].state_dict(), epoch=learned["epochs"])
     return grown, report
 
 
-def rebuild_run(ckpt: dict, log: train.Log) -> tuple[data.ImageSet, data.Split]:
+def rebuild_run(ckpt: dict, log: Log) -> tuple[sources.ImageSet, data.Split]:
     """The run's images and its split (queries and whole IDB, held-out part included), drawn again from
-    the checkpoint's stored arguments, as train.run_experiment drew them. Growing is scored on the run's
+    the checkpoint's stored arguments, as train.py's `run_experiment` drew them. Growing is scored on the run's
     own test queries, so the draw must give the IDB the checkpoint names; data that moved is bad input."""
     run = argparse.Namespace(**ckpt["args"])
-    imageset = train.load_images(run, run.db_size, log)
+    imageset = cli.load_images(run, run.db_size, log)
     split = data.split_dataset(imageset, run.db_size, run.index_fraction, seed=run.seed)
     if not {imageset.refs[i] for i in split.idb} <= set(ckpt["idb_refs"]) | set(ckpt["held_out"]):
         raise UsageError("the run's data, drawn again from the checkpoint's arguments, gives another IDB than "
@@ -414,7 +408,7 @@ def output_folder(a: argparse.Namespace, verb: str) -> str:
         while os.path.exists(os.path.join(out, "checkpoint.pt")):
             n += 1
             out = f"{base}{n}"
-    train.check_out_folder(out)
+    cli.check_out_folder(out)
     target = os.path.abspath(os.path.join(out, "checkpoint.pt"))
     if os.path.exists(target) and not a.overwrite:
         what = "the checkpoint being changed" if target == source else "a checkpoint.pt"
@@ -423,24 +417,23 @@ def output_folder(a: argparse.Namespace, verb: str) -> str:
 
 
 def write_report(out: str, report: dict, source: str) -> None:
-    """results.json and results.md of an addition, each written whole or not at all."""
+    """addition.json and addition.md: an addition's report, named apart from a training run's results."""
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     table = (f"# Added to {source}\n\n| added | new IA@1 | old IA@1 before | old IA@1 after | epochs | seconds | "
              f"replay | lr |\n|---|---|---|---|---|---|---|---|\n| {report['added']} | {fmt(report['new_IA@1'])} | "
              f"{fmt(report['old_IA@1_before'])} | {fmt(report['old_IA@1'])} | {report['epochs']} | "
              f"{report['seconds']} | {report['replay']:g} | {report['lr']:g} |\n\nIA@1 by constrained beam search "
              f"over every ID the grown index can write; old = the {report['old_images']} images indexed before.\n")
-    train.atomic_write(os.path.join(out, "results.json"), lambda f: json.dump(report, f, indent=2), text=True)
-    train.atomic_write(os.path.join(out, "results.md"), lambda f: f.write(table), text=True)
+    store.write_report(out, "addition", report, table)
 
 
-def old_replay(ckpt: dict, image_size: int, log: train.Log) -> Replay:
+def old_replay(ckpt: dict, image_size: int, log: Log) -> Replay:
     """The old index, read back from its references, and, when the run was fine-tuned, its training
     queries with their relevant old IDs (same class), rebuilt from the run's stored arguments."""
     run = argparse.Namespace(**ckpt["args"])
-    live = train.live_ids(ckpt)
+    live = store.live_ids(ckpt)
     ref_of, class_of = dict(zip(ckpt["ids"], ckpt["idb_refs"])), dict(zip(ckpt["ids"], ckpt["idb_classes"]))
-    images = data.images_to_tensor(data.read_refs([ref_of[i] for i in live], image_size, dataset=run.dataset,
+    images = data.images_to_tensor(sources.read_refs([ref_of[i] for i in live], image_size, dataset=run.dataset,
                                                   seed=run.seed, aspect_range=ckpt["aspect_range"]))
     if run.no_finetune:
         return Replay(images, live)
@@ -457,7 +450,7 @@ def old_replay(ckpt: dict, image_size: int, log: train.Log) -> Replay:
 
 def main(a: argparse.Namespace) -> int:
     """`train.py --checkpoint C --add PATH...` or `--remove ID...`: a new checkpoint under the output folder."""
-    model, ckpt = train.load_checkpoint(a.checkpoint)
+    model, ckpt = store.load_checkpoint(a.checkpoint)
     out = output_folder(a, "add" if a.add else "remove")
     if a.remove:
         grown = remove_ids(ckpt, a.remove)
@@ -467,15 +460,15 @@ def main(a: argparse.Namespace) -> int:
                              f"of encoder blocks")
         additions = read_additions(a.add, ckpt, model.config.image_size)
     os.makedirs(out, exist_ok=True)
-    log = train.Log(os.path.join(out, "train.log"), quiet=a.quiet)
+    log = Log(os.path.join(out, "train.log"), quiet=a.quiet)
     log(f"vit-dsi: --checkpoint {a.checkpoint} --{'add' if a.add else 'remove'} -> {out}")
     if a.add:
         replay = old_replay(ckpt, model.config.image_size, log)
-        settings = settings_from_args(a, train.recipe_from_args(argparse.Namespace(**ckpt["args"])))
-        grown, report = add_to_index(model, ckpt, additions, replay, settings, train.pick_device(a.device), log)
+        settings = settings_from_args(a, cli.recipe_from_args(argparse.Namespace(**ckpt["args"])))
+        grown, report = add_to_index(model, ckpt, additions, replay, settings, pick_device(a.device), log)
         write_report(out, report, a.checkpoint)
     else:
-        log(f"remove: {len(a.remove)} IDs hidden from decoding; {len(train.live_ids(grown))} IDs remain")
-    train.atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(grown, f))
+        log(f"remove: {len(a.remove)} IDs hidden from decoding; {len(store.live_ids(grown))} IDs remain")
+    store.atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(grown, f))
     log(f"new checkpoint: {os.path.join(out, 'checkpoint.pt')}")
     return 0

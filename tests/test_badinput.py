@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import train
+from support import cli, engine, recipes, sources, store
 
 TINY_MODEL = ["--image-size", "32", "--patch-size", "8", "--dim", "16", "--mlp-dim", "32", "--depth", "1",
               "--heads", "2"]
@@ -38,14 +39,14 @@ def save_png(path, array) -> str:
 
 
 def tiny_checkpoint(path, **changes) -> str:
-    """An untrained tiny model saved by train.save_checkpoint; `changes` overwrite checkpoint fields."""
-    a = train.build_parser().parse_args(TINY_MODEL)
-    config = train.model_config(a, max_len=4)
+    """An untrained tiny model saved by store.save_checkpoint; `changes` overwrite checkpoint fields."""
+    a = cli.build_parser().parse_args(TINY_MODEL)
+    config = cli.model_config(a, max_len=4)
     model = train.ViTDSI(config)
-    optimizer = train.make_optimizer(model, train.RECIPES["fast"], 1e-3)
+    optimizer = engine.make_optimizer(model, recipes.RECIPES["fast"], 1e-3)
     catalogue = {"ids": IDS, "idb_refs": ["a.png", "b.png", "c.png"], "ids_scheme": "clustered", "db_size": 12,
                  "class_names": ["a"], "idb_classes": [0, 0, 0], "prefix_width": 1, "removed": [], "held_out": []}
-    train.save_checkpoint(str(path), model, optimizer, config, a, 1, catalogue)
+    store.save_checkpoint(str(path), model, optimizer, config, a, 1, catalogue)
     if changes:
         ckpt = torch.load(path, weights_only=True)
         torch.save({**ckpt, **changes}, path)
@@ -82,7 +83,7 @@ def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(writer, tmp_pa
 def test_checkpoint_is_plain_data_and_answers_queries(tmp_path, capsys):
     path = tiny_checkpoint(tmp_path / "checkpoint.pt")
     ckpt = torch.load(path, weights_only=True)                  # tensors and plain data only
-    assert ckpt["format_version"] == train.CHECKPOINT_VERSION and ckpt["ids"] == IDS
+    assert ckpt["format_version"] == store.CHECKPOINT_VERSION and ckpt["ids"] == IDS
     query = save_png(tmp_path / "q.png", np.full((50, 70, 3), 90, np.uint8))   # any aspect ratio is fine
     capsys.readouterr()
     assert train.main(["--checkpoint", path, "--query", query, "--top-k", "2"]) == 0
@@ -98,7 +99,7 @@ def test_checkpoint_of_another_version_or_config_names_the_difference(tmp_path, 
     query = save_png(tmp_path / "q.png", np.zeros((32, 32, 3), np.uint8))
     ask = lambda path: fails(["--checkpoint", str(path), "--query", query], capsys)  # noqa: E731
     old = tiny_checkpoint(tmp_path / "old.pt", format_version=1)    # before growing an index was possible
-    assert "format version 1, this train.py reads version 2" in ask(old)
+    assert "format version 1, this train.py reads version 3" in ask(old)
     ckpt = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "mlp_dim": 64}}, tmp_path / "shape.pt")
     assert re.search(r"parameter '[\w.]*mlp[\w.]*' has shape \(32, 16\), the config gives \(64, 16\)",
@@ -113,6 +114,32 @@ def test_checkpoint_of_another_version_or_config_names_the_difference(tmp_path, 
     assert "idb_classes" in ask(tmp_path / "classes.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert "no format_version" in ask(tmp_path / "list.pt")
+
+
+def test_a_format_2_checkpoint_loads_with_its_encoder_under_todays_names(tmp_path, capsys):
+    """Format 2 kept the encoder's parts at the top of the model; the loader renames them, so the same
+    queries give the same answers."""
+    path = tiny_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=True)
+    def old_name(key):
+        key = re.sub(r"^encoder\.blocks\.(\d+)\.", r"encoder.\1.", key)
+        for new, old in (("encoder.patch_embedding.", "patch_embedding."), ("encoder.pos.", "encoder_pos."),
+                         ("encoder.norm.", "encoder_norm.")):
+            key = old + key[len(new):] if key.startswith(new) else key
+        return key
+    old_weights = {old_name(k): v for k, v in ckpt["model"].items()}
+    assert "encoder.0.attn.to_qkv.weight" in old_weights and "encoder_norm.weight" in old_weights
+    torch.save({**ckpt, "format_version": 2, "model": old_weights}, tmp_path / "v2.pt")
+    model, loaded = store.load_checkpoint(str(tmp_path / "v2.pt"))
+    assert loaded["format_version"] == store.CHECKPOINT_VERSION
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    query = save_png(tmp_path / "q.png", np.full((40, 40, 3), 90, np.uint8))
+    answers = []
+    for p in (path, str(tmp_path / "v2.pt")):
+        capsys.readouterr()
+        assert train.main(["--checkpoint", p, "--query", query, "--top-k", "3"]) == 0
+        answers.append(capsys.readouterr().out.splitlines()[1:])
+    assert answers[0] == answers[1] and len(answers[0]) == 3
 
 
 # ---------------------------------------------------------------- outputs are written whole or not at all
@@ -130,22 +157,22 @@ def leftovers(folder) -> list[str]:
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text('{"rows": ["old"]}')
-    monkeypatch.setattr(train.json, "dump", partial_then_fail)
+    monkeypatch.setattr(store.json, "dump", partial_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        train.write_results(str(tmp_path), [], "header", {})
+        store.write_results(str(tmp_path), [], "header", {})
     assert (tmp_path / "results.json").read_text() == '{"rows": ["old"]}'
     monkeypatch.undo()
 
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(train.torch, "save", partial_then_fail)
+    monkeypatch.setattr(store.torch, "save", partial_then_fail)
     with pytest.raises(OSError, match="disk full"):
         tiny_checkpoint(checkpoint)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
 
-    train.write_results(str(tmp_path), [], "header", {"new": 1})     # and a write that succeeds replaces it
+    store.write_results(str(tmp_path), [], "header", {"new": 1})     # and a write that succeeds replaces it
     assert json.loads((tmp_path / "results.json").read_text()) == {"rows": [], "new": 1}
     assert leftovers(tmp_path) == []
 
@@ -228,16 +255,16 @@ def test_coco_images_missing_on_disk(tmp_path, capsys):
 
 def test_odd_image_files(tmp_path):
     one = save_png(tmp_path / "one.png", np.array([[[10, 200, 30]]], np.uint8))         # 1 x 1 pixel
-    assert (data.read_image(one, 16) == [10, 200, 30]).all()
+    assert (sources.read_image(one, 16) == [10, 200, 30]).all()
     grey16 = np.full((20, 20), 0x8080, np.uint16)                                       # 32896 / 257 = 128
     grey16[:, 10:] = 0xFFFF
     Image.fromarray(grey16).save(tmp_path / "grey16.png")
     with Image.open(tmp_path / "grey16.png") as im:
-        assert im.mode in data.SIXTEEN_BIT_GREY_MODES
-    image = data.read_image(str(tmp_path / "grey16.png"), 20)
+        assert im.mode in sources.SIXTEEN_BIT_GREY_MODES
+    image = sources.read_image(str(tmp_path / "grey16.png"), 20)
     assert (image[:, :10] == 128).all() and (image[:, 10:] == 255).all()              # scaled, not clipped
     Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")           # magenta + yellow = red
-    red = data.read_image(str(tmp_path / "cmyk.jpg"), 20).astype(int)
+    red = sources.read_image(str(tmp_path / "cmyk.jpg"), 20).astype(int)
     assert (red[..., 0] > 230).all() and (red[..., 1:] < 25).all()
 
 

@@ -1,6 +1,7 @@
 """benchmark.py's pieces that need no training run: the stopping-rule replay and the latency table."""
 import benchmark
 import data
+from support import cli, sources
 
 
 def test_replay_follows_early_stopping():
@@ -11,7 +12,7 @@ def test_replay_follows_early_stopping():
 
 
 def test_latency_row_times_every_search_and_the_dsi_does_not_grow():
-    queries = data.make_synthetic(4, seed=1).images
+    queries = sources.make_synthetic(4, seed=1).images
     small, large = (benchmark.latency_row(n, queries, seed=0) for n in (16, 64))
     for row in (small, large):
         assert all(v > 0 for v in row.values()), row
@@ -26,7 +27,7 @@ def test_grow_reuses_only_a_finished_run_of_the_same_flags(tmp_path):
     import train
     cmd = [sys.executable, "train.py", "--db-size", "64", "--no-finetune", "--out", str(tmp_path)]
     assert not benchmark.same_run(str(tmp_path), cmd)                          # nothing there yet
-    args = vars(train.build_parser().parse_args(cmd[2:]))
+    args = vars(cli.build_parser().parse_args(cmd[2:]))
     (tmp_path / "results.json").write_text(json.dumps({"args": args}))
     assert benchmark.same_run(str(tmp_path), cmd)
     assert benchmark.same_run(str(tmp_path), cmd + ["--replay", "2"])         # an addition flag only

@@ -1,4 +1,5 @@
-"""data.py: preprocessing, loaders on trees built in tmp_path, synthetic set, splits, IDs, tokens."""
+"""data.py and support/sources.py: preprocessing, loaders on trees built in tmp_path, synthetic set,
+splits, hold-out, IDs (random, clustered, semantic), tokens, tensors."""
 import json
 
 import numpy as np
@@ -6,10 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+import bovw
 import data
-from data import (BOS, EOS, PAD, DataError, ImageSet, UnreadableImage, assign_ids, decode_tokens, encode_id,
-                  ids_to_tensor, images_to_tensor, load_coco, load_dataset, load_imagefolder, make_synthetic,
-                  normalize, preprocess, read_image, relevant_sets, render_synthetic, split_dataset)
+from data import (BOS, EOS, PAD, assign_ids, decode_tokens, encode_id, hold_out, ids_to_tensor, images_to_tensor,
+                  normalize, relevant_sets, split_dataset)
+from support import sources
+from support.sources import (DataError, ImageSet, UnreadableImage, load_coco, load_dataset, load_imagefolder,
+                             make_synthetic, preprocess, read_image, render_synthetic)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -221,7 +225,7 @@ def test_synthetic_texture_colours_vary_in_hue_not_in_contrast():
     """A texture's two colours: one hue, dark and light. The grey-level gap (what SIFT sees) stays wide in every
     draw while the hue (the ratio of the channels) spreads, so colour never carries the pattern alone."""
     rng = np.random.default_rng(0)
-    pairs = np.array([data._colour_pair(rng) for _ in range(500)])        # (500, 2, 3)
+    pairs = np.array([sources._colour_pair(rng) for _ in range(500)])        # (500, 2, 3)
     grey = pairs @ np.array([0.299, 0.587, 0.114])                         # (500, 2) luminance
     assert (np.abs(grey[:, 0] - grey[:, 1]) > 100).all()
     dark = np.where((grey[:, :1] < grey[:, 1:]), pairs[:, 0], pairs[:, 1])  # (500, 3) the dark colour of each pair
@@ -303,6 +307,33 @@ def test_split_bad_inputs():
             split_dataset(imageset, 10, index_fraction=fraction)
 
 
+def test_hold_out_leaves_a_stratified_share_of_the_idb_out():
+    imageset = fake_set(np.repeat(np.arange(10), 40))  # 400 images, 10 classes
+    split = split_dataset(imageset, 200, seed=0)  # IDB 50: 5 per class
+    kept, held = hold_out(split, imageset.primary, 0.3, seed=0)  # floor(50 * 0.3 + 0.5) = 15 held out
+    assert len(kept.idb) == 35 and len(held) == 15 and held.dtype == np.int64
+    assert not set(kept.idb.tolist()) & set(held.tolist())  # disjoint
+    assert sorted([*kept.idb.tolist(), *held.tolist()]) == split.idb.tolist()  # together: the whole IDB
+    assert (np.diff(kept.idb) > 0).all() and (np.diff(held) > 0).all()  # still sorted
+    for part, size in ((kept.idb, 35), (held, 15)):
+        counts = np.bincount(imageset.primary[part], minlength=10)
+        assert np.abs(counts - size / 10).max() <= 1  # each class within one of its share
+    assert all(np.array_equal(getattr(kept, name), getattr(split, name)) for name in ("train", "val", "test"))
+    again_kept, again_held = hold_out(split, imageset.primary, 0.3, seed=0)
+    assert np.array_equal(again_kept.idb, kept.idb) and np.array_equal(again_held, held)
+
+
+def test_hold_out_of_nothing_and_of_everything():
+    imageset = fake_set(np.repeat(np.arange(10), 40))
+    split = split_dataset(imageset, 200, seed=0)  # IDB 50
+    for fraction in (0.0, 0.009):  # floor(50 * 0.009 + 0.5) = 0: nothing to hold out
+        unchanged, held = hold_out(split, imageset.primary, fraction, seed=0)
+        assert unchanged is split and held.dtype == np.int64 and len(held) == 0
+    with pytest.raises(DataError, match="--index-hold-out 0.99 leaves no IDB image to index") as error:
+        hold_out(split, imageset.primary, 0.99, seed=0)  # floor(49.5 + 0.5) = 50: all of it
+    assert "\n" not in str(error.value)  # one line
+
+
 def test_relevant_sets_share_a_label():
     idb_labels = [frozenset({0}), frozenset({1, 2}), frozenset({2})]
     ids = ["0", "1", "2"]
@@ -331,8 +362,24 @@ def test_clustered_ids_are_a_class_prefix_and_a_counter():
         mine = sorted(i for i, p in zip(ids, primary) if p == cls)
         assert mine == [f"{cls:02d}{j:02d}" for j in range(10)]  # consecutive, one shared prefix
     assert assign_ids(np.array([], np.int64), "clustered") == []
-    with pytest.raises(DataError, match="unknown ID scheme"):
-        assign_ids(primary, "semantic")
+    with pytest.raises(DataError, match="unknown ID scheme 'bogus'; use 'random', 'clustered' or 'semantic'"):
+        assign_ids(primary, "bogus")
+
+
+def test_semantic_ids_are_hierarchical_kmeans_over_the_idb_bovw_histograms():
+    images = make_synthetic(40, 32, seed=0).images
+    primary = np.zeros(40, np.int64)  # labels play no part in semantic IDs
+    ids = assign_ids(primary, "semantic", seed=3, images=images, bovw_k=8)
+    expected = bovw.hierarchical_ids(bovw.BoVWIndex(k=8, seed=3).fit(images).database, np.random.default_rng(3))
+    assert ids == expected
+    assert len(set(ids)) == 40 and bovw.prefix_free(ids)
+    assert ids == assign_ids(primary, "semantic", seed=3, images=images, bovw_k=8)  # seeded: the same again
+
+
+def test_semantic_ids_need_the_images():
+    with pytest.raises(DataError, match="semantic IDs .* pass images=") as error:
+        assign_ids(np.zeros(10, np.int64), "semantic")
+    assert "\n" not in str(error.value)  # one line
 
 
 def test_token_round_trip():
@@ -372,7 +419,7 @@ def test_load_dataset_names():
 
 
 def test_augment_views_are_seeded_and_keep_shape():
-    images = data.images_to_tensor(data.make_synthetic(4, image_size=32, seed=0).images)
+    images = data.images_to_tensor(sources.make_synthetic(4, image_size=32, seed=0).images)
     x = data.normalize(images)
     a = data.augment(x, torch.Generator().manual_seed(0))
     b = data.augment(x, torch.Generator().manual_seed(0))
@@ -387,7 +434,7 @@ def test_augment_with_full_crop_and_no_jitter_is_identity_or_mirror(monkeypatch)
     # With the crop forced to the whole image and no jitter, a view is the image or its mirror image.
     monkeypatch.setattr(data, "AUGMENT_SCALE", (1.0, 1.0))
     monkeypatch.setattr(data, "AUGMENT_JITTER", 0.0)
-    x = data.normalize(data.images_to_tensor(data.make_synthetic(8, image_size=32, seed=0).images))
+    x = data.normalize(data.images_to_tensor(sources.make_synthetic(8, image_size=32, seed=0).images))
     out = data.augment(x, torch.Generator().manual_seed(0))
     for view, image in zip(out, x):
         assert torch.allclose(view, image, atol=1e-4) or torch.allclose(view, image.flip(-1), atol=1e-4)

@@ -1,4 +1,5 @@
 """The dual-encoder baseline: its loss on hand-worked cases, exact ranking, and learning a tiny set."""
+import dataclasses
 import math
 
 import numpy as np
@@ -39,8 +40,8 @@ def test_embeddings_are_unit_vectors_from_the_dsi_encoder():
     e = model(torch.randn(3, 3, 32, 32))
     assert e.shape == (3, 32) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
     # the same encoder as the DSI's: every encoder weight of a ViTDSI, same name and shape, plus the projection
-    dsi = {k: v.shape for k, v in ViTDSI(TINY).state_dict().items() if not k.startswith(("decoder", "token", "head"))}
-    de = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("project")}
+    dsi = {k: v.shape for k, v in ViTDSI(TINY).state_dict().items() if k.startswith("encoder.")}
+    de = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("project.")}
     assert de == dsi
     model.eval()
     images = torch.randn(2, 3, 32, 32)
@@ -49,6 +50,20 @@ def test_embeddings_are_unit_vectors_from_the_dsi_encoder():
         dsi_model.load_state_dict(model.state_dict(), strict=False)
         pooled = dsi_model.encode(images).mean(dim=1)
         assert torch.allclose(model(images), torch.nn.functional.normalize(model.project(pooled), dim=1), atol=1e-6)
+
+
+def test_a_dual_encoder_starts_from_the_encoder_of_a_dsi_of_the_same_seed():
+    config = dataclasses.replace(TINY, depth=2, pos_encoding="learned")
+    torch.manual_seed(3)
+    dual = DualEncoder(config).eval()
+    torch.manual_seed(3)
+    vit = ViTDSI(config).eval()
+    dual_weights, vit_weights = dual.encoder.state_dict(), vit.encoder.state_dict()
+    assert list(dual_weights) == list(vit_weights)
+    assert all(torch.equal(dual_weights[k], vit_weights[k]) for k in vit_weights)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dual.encoder(images), vit.encode(images))
 
 
 def test_a_tiny_database_is_learned():

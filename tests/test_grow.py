@@ -14,7 +14,8 @@ import data
 import grow
 import train
 from test_badinput import fails    # exit 2, one line, no traceback
-from vitdsi import IDTrie
+from vitdsi import IDTrie, ViTDSIConfig
+from support import cli, engine, recipes, run, sources, store
 
 TINY = ["--db-size", "128", "--image-size", "32", "--patch-size", "8", "--dim", "32", "--mlp-dim", "64",
         "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "300", "--lr", "3e-3",
@@ -29,7 +30,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("grow")
     assert train.main(TINY + ["--index-hold-out", "0.25", "--out", str(root / "base")]) == 0
     ckpt = torch.load(root / "base" / "checkpoint.pt", weights_only=True)
-    imageset = data.make_synthetic(128, image_size=32, seed=0)
+    imageset = sources.make_synthetic(128, image_size=32, seed=0)
     loose = []
     for k, ref in enumerate(ckpt["held_out"]):
         p = int(ref.split(":")[1])
@@ -44,7 +45,7 @@ def test_hold_out_is_stratified_recorded_and_redrawn(base):
     root, ckpt, _ = base
     assert len(ckpt["ids"]) == 24 and len(ckpt["held_out"]) == 8        # IDB 32 = 24 indexed + 8 held out
     assert not set(ckpt["held_out"]) & set(ckpt["idb_refs"])
-    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))     # the run's own split, drawn again
+    imageset, split = grow.rebuild_run(ckpt, run.Log(quiet=True))     # the run's own split, drawn again
     assert {imageset.refs[i] for i in split.idb} == set(ckpt["idb_refs"]) | set(ckpt["held_out"])
     held_classes = [int(imageset.primary[imageset.refs.index(r)]) for r in ckpt["held_out"]]
     assert len(set(held_classes)) == len(held_classes)                  # stratified: 8 of 10 classes, once each
@@ -55,7 +56,7 @@ def test_add_makes_new_images_retrievable_and_keeps_the_old(base, capsys):
     out = root / "added"
     assert train.main(["--checkpoint", str(root / "base" / "checkpoint.pt"), "--add", str(root / "new"), *loose,
                        "--out", str(out), *ADD]) == 0
-    report = json.loads((out / "results.json").read_text())
+    report = json.loads((out / "addition.json").read_text())
     assert report["added"] == 8 and report["new_IA@1"] >= 0.98
     assert report["old_IA@1_before"] == 1.0 and report["old_IA@1"] >= 0.9
     grown = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -81,27 +82,27 @@ def test_an_addition_trains_what_is_not_frozen(base, frozen):
     out = root / f"frozen-{frozen}"
     assert train.main(["--checkpoint", str(root / "base" / "checkpoint.pt"), "--add", str(root / "new"), *loose,
                        "--out", str(out), *ADD] + (["--add-frozen", frozen] if frozen else [])) == 0
-    report = json.loads((out / "results.json").read_text())
+    report = json.loads((out / "addition.json").read_text())
     assert report["new_IA@1"] >= 0.98 and report["old_IA@1"] >= 0.9
     grown = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    encoder = [k for k in grown if k.startswith(("patch_embedding.", "encoder.0."))]
+    encoder = [k for k in grown if k.startswith(("encoder.patch_embedding.", "encoder.blocks.0."))]
     assert encoder and all(torch.equal(grown[k], ckpt["model"][k]) for k in encoder) == (frozen is None)
     assert not torch.equal(grown["head.weight"], ckpt["model"]["head.weight"])           # the decoder learnt
 
 
 def test_a_batch_reads_the_frozen_bottom_from_the_cache_and_encodes_random_views():
     torch.manual_seed(0)
-    config = train.ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=2, heads=2, max_len=5)
+    config = ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=2, heads=2, max_len=5)
     model = train.ViTDSI(config).eval()
     images = torch.randn(4, 3, 16, 16)
     views = torch.tensor([False, True, False, True])
-    cached = model.encode_until(images, 1).detach()
+    cached = model.encoder.until(images, 1).detach()
     cached[views] = 99.0                              # a view's cached row is stale: it must be computed anew
-    pool = train.Pool(images, lambda idx: idx, views, frozen=1, cached=cached)
+    pool = engine.Pool(images, lambda idx: idx, views, frozen=1, cached=cached)
     idx = torch.tensor([2, 1, 0])
-    torch.testing.assert_close(train.encode_batch(model, pool, idx, images[idx]), model.encode(images[idx]))
+    torch.testing.assert_close(engine.encode_batch(model, pool, idx, images[idx]), model.encode(images[idx]))
     cached[0] = 0.0                                   # a clean row is read from the cache, not computed
-    assert not torch.allclose(train.encode_batch(model, pool, idx, images[idx])[2], model.encode(images[:1])[0])
+    assert not torch.allclose(engine.encode_batch(model, pool, idx, images[idx])[2], model.encode(images[:1])[0])
 
 
 def test_new_ids_per_scheme():
@@ -111,9 +112,9 @@ def test_new_ids_per_scheme():
     assert ids == ["02", "11", "03", "36", "20"] and classes == [0, 1, 0, 3, 2]   # -1: the decoded class
     random = {"ids_scheme": "random", "ids": ["2", "0", "1"], "prefix_width": 0, "class_names": []}
     assert grow.new_ids(random, [-1, -1], [None, None])[0] == ["3", "4"]         # the next free numbers
-    with pytest.raises(train.UsageError, match="random IDs .* full"):
+    with pytest.raises(run.UsageError, match="random IDs .* full"):
         grow.new_ids({**random, "ids": list("0123456789")}, [-1], [None])
-    with pytest.raises(train.UsageError, match="class 'b' .* is full"):
+    with pytest.raises(run.UsageError, match="class 'b' .* is full"):
         grow.new_ids({**clustered, "ids": ["00", "19"]}, [1], [None])
     semantic = {"ids_scheme": "semantic", "ids": ["00", "01", "1"], "prefix_width": 0, "class_names": []}
     assert grow.new_ids(semantic, [-1], ["01"])[0] == ["02"]                      # the nearest leaf's next slot
@@ -126,13 +127,13 @@ def test_removed_ids_are_never_decoded_nor_reused(base, capsys):
     assert train.main(["--checkpoint", str(source), "--remove", *gone, "--out", str(out), "--quiet"]) == 0
     shrunk = torch.load(out / "checkpoint.pt", weights_only=True)
     assert shrunk["removed"] == sorted(gone) and shrunk["ids"] == ckpt["ids"]
-    model, loaded = train.load_checkpoint(str(out / "checkpoint.pt"))
-    images = data.images_to_tensor(data.read_refs(ckpt["idb_refs"][:3], 32))
+    model, loaded = store.load_checkpoint(str(out / "checkpoint.pt"))
+    images = data.images_to_tensor(sources.read_refs(ckpt["idb_refs"][:3], 32))
     with torch.no_grad():
-        hyps = model.generate(data.normalize(images), IDTrie(train.live_ids(loaded)), k=len(ckpt["ids"]))
+        hyps = model.generate(data.normalize(images), IDTrie(store.live_ids(loaded)), k=len(ckpt["ids"]))
     assert all(len(h) == 21 and not {i for i, _ in h} & set(gone) for h in hyps)  # the whole live index, no more
     path = root / "removed-query.png"
-    Image.fromarray(data.read_refs(ckpt["idb_refs"][:1], 32)[0]).save(path)
+    Image.fromarray(sources.read_refs(ckpt["idb_refs"][:1], 32)[0]).save(path)
     capsys.readouterr()
     assert train.main(["--checkpoint", str(out / "checkpoint.pt"), "--query", str(path), "--top-k", "30"]) == 0
     printed = capsys.readouterr().out
@@ -183,8 +184,8 @@ def test_grow_experiment_runs_its_steps(base):
 
 def test_all_query_p10_scores_every_query_of_the_run(base):
     root, _, _ = base
-    model, ckpt = train.load_checkpoint(str(root / "base" / "checkpoint.pt"))
-    imageset, split = grow.rebuild_run(ckpt, train.Log(quiet=True))
+    model, ckpt = store.load_checkpoint(str(root / "base" / "checkpoint.pt"))
+    imageset, split = grow.rebuild_run(ckpt, run.Log(quiet=True))
     images, cpu = data.images_to_tensor(imageset.images), torch.device("cpu")
     full = benchmark.query_scores(model, ckpt, imageset, split, images, cpu)
     assert full == benchmark.run_scores(str(root / "base"))          # read from the run's folder alike
@@ -204,8 +205,8 @@ def test_all_query_p10_scores_every_query_of_the_run(base):
 def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
     root, ckpt, loose = base
     tuned = {**ckpt, "args": {**ckpt["args"], "no_finetune": False}}   # as a fine-tuned run records itself
-    replay = grow.old_replay(tuned, 32, train.Log(quiet=True))
-    imageset, split = grow.rebuild_run(tuned, train.Log(quiet=True))
+    replay = grow.old_replay(tuned, 32, run.Log(quiet=True))
+    imageset, split = grow.rebuild_run(tuned, run.Log(quiet=True))
     assert len(replay.queries) == len(split.train)                    # every training query has a relevant image
     classes = dict(zip(ckpt["ids"], ckpt["idb_classes"]))
     for q, relevant in zip(split.train, replay.relevant):           # each query's relevant old IDs: its class
@@ -213,7 +214,7 @@ def test_a_fine_tuned_run_also_replays_its_training_queries(base, tmp_path):
     torch.save(tuned, tmp_path / "tuned.pt")
     assert train.main(["--checkpoint", str(tmp_path / "tuned.pt"), "--add", loose[0], "--out", str(tmp_path / "o"),
                        *ADD]) == 0
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["replayed_queries"] == len(split.train)
+    assert json.loads((tmp_path / "o" / "addition.json").read_text())["replayed_queries"] == len(split.train)
 
 
 def test_replay_count_takes_the_largest_of_its_three_floors():
@@ -226,9 +227,9 @@ def test_replay_count_takes_the_largest_of_its_three_floors():
 
 
 def test_an_addition_runs_at_a_quarter_of_the_indexing_lr_unless_told():
-    recipe = train.RECIPES["fast"]
-    assert grow.settings_from_args(train.build_parser().parse_args([]), recipe).lr == recipe.lr / 4
-    assert grow.settings_from_args(train.build_parser().parse_args(["--add-lr", "1e-3"]), recipe).lr == 1e-3
+    recipe = recipes.RECIPES["fast"]
+    assert grow.settings_from_args(cli.build_parser().parse_args([]), recipe).lr == recipe.lr / 4
+    assert grow.settings_from_args(cli.build_parser().parse_args(["--add-lr", "1e-3"]), recipe).lr == 1e-3
 
 
 def test_settling_schedule_decays_from_where_it_is_to_the_floor():
@@ -246,17 +247,17 @@ def test_the_beam_search_check_runs_only_once_the_teacher_forced_gate_passes(mon
     """The scripted teacher-forced accuracies: new images 0.5 (epoch 1), then 1.0; the old sample 0.9
     (epoch 2), then 1.0. So the full check (`ia_at_1`) runs from epoch 3 on, and training stops there."""
     torch.manual_seed(0)
-    config = train.ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=1, heads=2, max_len=5)
-    model, recipe = train.ViTDSI(config), train.RECIPES["fast"]
+    config = ViTDSIConfig(image_size=16, patch_size=8, dim=16, mlp_dim=32, depth=1, heads=2, max_len=5)
+    model, recipe = train.ViTDSI(config), recipes.RECIPES["fast"]
     images = torch.randint(0, 255, (12, 3, 16, 16), dtype=torch.uint8)
     ids = [f"{i:03d}" for i in range(12)]
     gate = iter([0.5, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])        # new, (old sample once new passes), ...
-    monkeypatch.setattr(train, "eval_loss", lambda *args: (0.0, next(gate)))
+    monkeypatch.setattr(engine, "eval_loss", lambda *args: (0.0, next(gate)))
     checks = []
     monkeypatch.setattr(grow, "ia_at_1", lambda model, images, ids, *rest: checks.append(len(ids)) or 1.0)
     s = grow.GrowSettings(replay=2.0, replay_min=0.25, lr=1e-3, epochs=10, target=0.98, settle=1.0)
     out = grow.learn_additions(model, recipe, torch.device("cpu"), (images[:4], ids[:4]),
-                               grow.Replay(images[4:], ids[4:]), IDTrie(ids), s, train.Log(quiet=True))
+                               grow.Replay(images[4:], ids[4:]), IDTrie(ids), s, run.Log(quiet=True))
     assert out["epochs"] == 3 and checks == [4, 8]          # one check of the new and one of the old images
     # One step an epoch (4 new + 28 replayed = 32), warm-up 3 steps: the multiplier is 1.0 after epoch 2, when the
     # new IDs are learnt; settling over 2 x 1 steps, epoch 3 ends half way down: 0.05 + 0.95 / 2 of the lr.

@@ -15,6 +15,7 @@ import torch
 import data
 import train
 from vitdsi import IDTrie, ViTDSI
+from support import cli, engine, recipes, run, sources
 
 TINY_MODEL = ["--image-size", "32", "--patch-size", "8", "--dim", "16", "--mlp-dim", "32", "--depth", "1",
               "--heads", "2", "--dropout", "0.0"]
@@ -22,28 +23,28 @@ DB_SIZE = 64   # split 0.25 / 0.75 x (0.8, 0.1, 0.1): IDB 16, queries train 38 /
 # A short retrieval phase that exercises every recipe feature that could touch the queries: augmented
 # views, index rehearsal, several targets per query; patience high enough that all epochs run.
 # These models were never indexed, so no epoch would keep an index (keep_index; tested in test_train.py).
-RECIPE = replace(train.RECIPES["fast"], batch_size=16, precision="fp32", retrieval_epochs=3, patience=10,
+RECIPE = replace(recipes.RECIPES["fast"], batch_size=16, precision="fp32", retrieval_epochs=3, patience=10,
                  min_epochs=0, retrieval_targets=2, warmup_epochs=1, keep_index=False)
 
 
-def tiny_cell(imageset: data.ImageSet | None = None, **recipe_fields) -> train.Cell:
+def tiny_cell(imageset: sources.ImageSet | None = None, **recipe_fields) -> run.Cell:
     """A fresh Cell over the first DB_SIZE synthetic images (fresh batch-order generator, empty curves)."""
-    a = train.build_parser().parse_args(TINY_MODEL + ["--db-size", str(DB_SIZE)])
-    imageset = data.make_synthetic(DB_SIZE, image_size=32, seed=0) if imageset is None else imageset
+    a = cli.build_parser().parse_args(TINY_MODEL + ["--db-size", str(DB_SIZE)])
+    imageset = sources.make_synthetic(DB_SIZE, image_size=32, seed=0) if imageset is None else imageset
     split = data.split_dataset(imageset, DB_SIZE, a.index_fraction, seed=a.seed)
     idb_ids = data.assign_ids(imageset.primary[split.idb], "clustered")
-    return train.Cell(a=a, recipe=replace(RECIPE, **recipe_fields), db_size=DB_SIZE, ids="clustered",
+    return run.Cell(a=a, recipe=replace(RECIPE, **recipe_fields), db_size=DB_SIZE, ids="clustered",
                       imageset=imageset, split=split, idb_ids=idb_ids, trie=IDTrie(idb_ids),
                       images=data.images_to_tensor(imageset.images), device=torch.device("cpu"), bf16=False,
-                      gen=torch.Generator().manual_seed(a.seed), log=train.Log(quiet=True))
+                      gen=torch.Generator().manual_seed(a.seed), log=run.Log(quiet=True))
 
 
-def tiny_model(cell: train.Cell, seed: int = 0) -> ViTDSI:
+def tiny_model(cell: run.Cell, seed: int = 0) -> ViTDSI:
     torch.manual_seed(seed)
-    return ViTDSI(train.model_config(cell.a, max_len=max(map(len, cell.idb_ids)) + 2))
+    return ViTDSI(cli.model_config(cell.a, max_len=max(map(len, cell.idb_ids)) + 2))
 
 
-def changed(imageset: data.ImageSet, part: str, what: str) -> data.ImageSet:
+def changed(imageset: sources.ImageSet, part: str, what: str) -> sources.ImageSet:
     """A copy of the image set in which the queries of one split part (train, val or test) have other
     pixels ("images": each replaced by noise) or another class ("labels": class c -> the next class)."""
     split = data.split_dataset(imageset, DB_SIZE, 0.25, seed=0)
@@ -57,7 +58,7 @@ def changed(imageset: data.ImageSet, part: str, what: str) -> data.ImageSet:
     return replace(imageset, images=images, labels=labels)
 
 
-def finetuned(imageset: data.ImageSet, early_stop: str) -> dict:
+def finetuned(imageset: sources.ImageSet, early_stop: str) -> dict:
     """Fine-tune a fresh tiny model; the weights, the validation curves and the epochs run and kept."""
     cell = tiny_cell(imageset, early_stop=early_stop)
     model = tiny_model(cell)
@@ -68,7 +69,7 @@ def finetuned(imageset: data.ImageSet, early_stop: str) -> dict:
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return data.make_synthetic(DB_SIZE, image_size=32, seed=0)
+    return sources.make_synthetic(DB_SIZE, image_size=32, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def toy_training(scores: list[float], patience: int, min_epochs: int = 0):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    stopper = train.EarlyStopping(patience, min_epochs)
+    stopper = engine.EarlyStopping(patience, min_epochs)
     saved = {}
     for epoch, score in enumerate(scores, start=1):
         loss = model(torch.randn(8, 3)).pow(2).mean()
@@ -242,22 +243,22 @@ def test_seq_loss_ignores_pad_positions():
     gold = targets[:, 1:]
     logits.scatter_(2, gold.unsqueeze(-1), 10.0)                         # every target token is the argmax
     logits[gold == data.PAD] = torch.randn(int((gold == data.PAD).sum()), data.VOCAB_SIZE)
-    loss, hit = train.seq_loss(logits, targets)
+    loss, hit = engine.seq_loss(logits, targets)
     assert hit.tolist() == [True, True, True]
     other = logits.clone()
     other[gold == data.PAD] = torch.randn(int((gold == data.PAD).sum()), data.VOCAB_SIZE) * 100
-    torch.testing.assert_close(train.seq_loss(other, targets)[0], loss)
-    assert train.seq_loss(other, targets)[1].tolist() == [True, True, True]
+    torch.testing.assert_close(engine.seq_loss(other, targets)[0], loss)
+    assert engine.seq_loss(other, targets)[1].tolist() == [True, True, True]
     # three more PAD columns with arbitrary logits: the same tokens are scored
     longer = torch.cat([targets, torch.full((3, 3), data.PAD)], dim=1)
     more = torch.cat([logits, torch.randn(3, 3, data.VOCAB_SIZE) * 100], dim=1)
-    torch.testing.assert_close(train.seq_loss(more, longer)[0], loss)
-    assert train.seq_loss(more, longer)[1].tolist() == [True, True, True]
+    torch.testing.assert_close(engine.seq_loss(more, longer)[0], loss)
+    assert engine.seq_loss(more, longer)[1].tolist() == [True, True, True]
     # a wrong non-PAD token is still a miss, and costs loss
     wrong = logits.clone()
     wrong[1, 0, gold[1, 0]] = -10.0
-    assert train.seq_loss(wrong, targets)[1].tolist() == [True, False, True]
-    assert train.seq_loss(wrong, targets)[0] > loss
+    assert engine.seq_loss(wrong, targets)[1].tolist() == [True, False, True]
+    assert engine.seq_loss(wrong, targets)[0] > loss
 
 
 def test_eval_loss_is_the_same_however_far_targets_are_padded():
@@ -265,10 +266,10 @@ def test_eval_loss_is_the_same_however_far_targets_are_padded():
     decoder is causal, seen by the positions that are scored."""
     cell = tiny_cell()
     torch.manual_seed(0)
-    model = ViTDSI(train.model_config(cell.a, max_len=8)).eval()
+    model = ViTDSI(cli.model_config(cell.a, max_len=8)).eval()
     images = cell.images[:4]
     targets = data.ids_to_tensor(["12", "3", "45", "6"]).unsqueeze(1)   # (4, 1, 4)
     padded = torch.cat([targets, torch.full((4, 1, 3), data.PAD)], dim=2)   # (4, 1, 7)
-    short = train.eval_loss(model, images, targets, 4, cell.device, False)
-    long = train.eval_loss(model, images, padded, 4, cell.device, False)
+    short = engine.eval_loss(model, images, targets, 4, cell.device, False)
+    long = engine.eval_loss(model, images, padded, 4, cell.device, False)
     assert long[0] == pytest.approx(short[0], rel=1e-6) and long[1] == short[1]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from support import engine, resume
 
 # Dropout, augmented views, several drawn targets and MAP early stopping: every generator the run draws from.
 TINY = ["--db-size", "64", "--image-size", "32", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
@@ -29,7 +30,7 @@ def final_weights(out) -> dict:
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
     assert train.main(TINY + ["--out", str(out)]) == 0
-    assert not (out / train.RESUME_FILE).exists()          # a finished run leaves no resume state behind
+    assert not (out / resume.RESUME_FILE).exists()          # a finished run leaves no resume state behind
     return rows_without_timing(out), final_weights(out)
 
 
@@ -42,7 +43,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupte
     index_epochs = rows[1]["index_epochs"]
     stop_at = epoch if phase == "index" else index_epochs + epoch       # run_epoch runs once per epoch
     calls = {"n": 0}
-    real_run_epoch = train.run_epoch
+    real_run_epoch = engine.run_epoch
 
     def run_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -50,7 +51,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupte
             raise KeyboardInterrupt
         return real_run_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    monkeypatch.setattr(engine, "run_epoch", run_epoch)
     capsys.readouterr()
     assert train.main(TINY + ["--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip()
@@ -59,20 +60,20 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(uninterrupte
     assert f"{saved_phase} epoch {saved_epoch} saved" in err, err
     assert not (tmp_path / "results.json").exists()
 
-    monkeypatch.setattr(train, "run_epoch", real_run_epoch)
+    monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
     assert train.main(["--resume", str(tmp_path), "--threads", "1", "--quiet"]) == 0
     assert rows_without_timing(tmp_path) == rows
     resumed = final_weights(tmp_path)
     assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
-    assert not (tmp_path / train.RESUME_FILE).exists()
+    assert not (tmp_path / resume.RESUME_FILE).exists()
 
 
 @pytest.mark.parametrize("content, needle", [
     (b"\x80\x02garbage, not a resume state", "not a vit-dsi resume state"),
-    ({"format_version": train.RESUME_VERSION + 1}, f"this train.py reads version {train.RESUME_VERSION}"),
+    ({"format_version": resume.RESUME_VERSION + 1}, f"this train.py reads version {resume.RESUME_VERSION}"),
 ])
 def test_resume_refuses_a_file_that_is_not_a_resume_state_of_this_version(content, needle, tmp_path, capsys):
-    path = tmp_path / train.RESUME_FILE
+    path = tmp_path / resume.RESUME_FILE
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:

@@ -15,6 +15,7 @@ import data
 import train
 import vitdsi
 from vitdsi import ViTDSI, ViTDSIConfig
+from support import cli, engine, recipes, run, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--db-size", "64", "--image-size", "64", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
@@ -58,7 +59,7 @@ def test_run_writes_every_output(tiny_run):
     assert torch.load(tiny_run / "checkpoint.pt", weights_only=True)["epoch"] == rows[2]["retrieval_epoch_kept"]
     # The recipe the run trained with: the named one, then TINY's single-field flags on top.
     recipe = json.loads((tiny_run / "results.json").read_text())["recipe"]
-    assert recipe == {"name": "fast", **asdict(train.recipe_from_args(train.build_parser().parse_args(TINY)))}
+    assert recipe == {"name": "fast", **asdict(cli.recipe_from_args(cli.build_parser().parse_args(TINY)))}
     assert recipe["retrieval_epochs"] == 2 and recipe["lr"] == 3e-3
     assert "| ViT DSI | zero-shot | 64 | clustered |" in (tiny_run / "results.md").read_text()
     assert Image.open(tiny_run / "curves.png").size[0] > 400
@@ -77,7 +78,7 @@ def test_query_mode_finds_a_database_image(tiny_run, tmp_path, capsys):
     ckpt = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
     ref = ckpt["idb_refs"][3]                                    # "synthetic:<index>"
     index = int(ref.split(":")[1])
-    imageset = data.make_synthetic(index + 1, image_size=64, seed=0)
+    imageset = sources.make_synthetic(index + 1, image_size=64, seed=0)
     path = tmp_path / "query.png"
     Image.fromarray(imageset.images[index]).save(path)
     capsys.readouterr()
@@ -150,7 +151,7 @@ def test_sweep_writes_one_combined_table(tmp_path):
     # the recipe the run trained with is written down, one for every scheme; TINY's --retrieval-epochs 2 wins
     recipe = json.loads((tmp_path / "results.json").read_text())["recipe"]
     assert recipe["name"] == "fast" and recipe["retrieval_epochs"] == 2
-    assert recipe["retrieval_targets"] == train.RECIPES["fast"].retrieval_targets
+    assert recipe["retrieval_targets"] == recipes.RECIPES["fast"].retrieval_targets
 
 
 def test_several_targets_per_image_average_their_losses():
@@ -163,26 +164,26 @@ def test_several_targets_per_image_average_their_losses():
     def epoch(choose):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        trainer = train.Trainer(model, optimizer, scheduler, torch.device("cpu"))
-        pool = train.Pool(images, choose, torch.zeros(3, dtype=torch.bool))
-        return train.run_epoch(trainer, pool, torch.arange(3), 3)
+        trainer = engine.Trainer(model, optimizer, scheduler, torch.device("cpu"))
+        pool = engine.Pool(images, choose, torch.zeros(3, dtype=torch.bool))
+        return engine.run_epoch(trainer, pool, torch.arange(3), 3)
 
     loss_1, _, _ = epoch(lambda idx: first[idx].unsqueeze(1))
     loss_2, _, _ = epoch(lambda idx: second[idx].unsqueeze(1))
     loss_both, _, _ = epoch(lambda idx: torch.stack([first[idx], second[idx]], dim=1))   # (B, 2, L)
     assert loss_both == pytest.approx((loss_1 + loss_2) / 2, rel=1e-5)
-    assert train.eval_loss(model, images, first.unsqueeze(1), 3, torch.device("cpu"), False)[0] == pytest.approx(loss_1, rel=1e-5)
+    assert engine.eval_loss(model, images, first.unsqueeze(1), 3, torch.device("cpu"), False)[0] == pytest.approx(loss_1, rel=1e-5)
 
 
 def test_recipe_is_the_named_one_plus_single_field_flags():
     """One place defines a recipe; a flag overrides one field; nothing depends on the ID scheme."""
-    parse = lambda *extra: train.build_parser().parse_args(list(extra))  # noqa: E731
-    assert train.recipe_from_args(parse()) == train.RECIPES["fast"]
-    assert train.recipe_from_args(parse("--ids", "random")) == train.RECIPES["fast"]
-    assert train.recipe_from_args(parse("--recipe", "paper")) == train.RECIPES["paper"]
-    assert train.recipe_from_args(parse("--retrieval-epochs", "7")).retrieval_epochs == 7
-    assert train.recipe_from_args(parse("--no-augment")).augment is False
-    assert train.recipe_from_args(parse("--recipe", "paper", "--precision", "bf16")).precision == "bf16"
+    parse = lambda *extra: cli.build_parser().parse_args(list(extra))  # noqa: E731
+    assert cli.recipe_from_args(parse()) == recipes.RECIPES["fast"]
+    assert cli.recipe_from_args(parse("--ids", "random")) == recipes.RECIPES["fast"]
+    assert cli.recipe_from_args(parse("--recipe", "paper")) == recipes.RECIPES["paper"]
+    assert cli.recipe_from_args(parse("--retrieval-epochs", "7")).retrieval_epochs == 7
+    assert cli.recipe_from_args(parse("--no-augment")).augment is False
+    assert cli.recipe_from_args(parse("--recipe", "paper", "--precision", "bf16")).precision == "bf16"
 
 
 @pytest.mark.parametrize("model", ["dsi", "de"])
@@ -224,12 +225,13 @@ def test_an_epoch_that_lost_its_index_is_never_kept(tmp_path, monkeypatch):
 
 def test_index_whole_is_ia_at_1_of_the_idb_against_the_floor(monkeypatch):
     ids = ["00", "01", "10", "11"]
-    cell = types.SimpleNamespace(images=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), split=types.SimpleNamespace(
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    cell = types.SimpleNamespace(subset=lambda positions: images[torch.as_tensor(positions)], split=types.SimpleNamespace(
         idb=np.array([1, 2, 4, 5])), trie=None, idb_ids=ids, a=types.SimpleNamespace(beam=None), device="cpu")
     seen = []
     ranked = [["00"], ["01"], ["11"], ["11"]]                           # the third IDB image writes a wrong ID
-    monkeypatch.setattr(train, "rank_dsi", lambda model, images, trie, k, *rest: seen.append((len(images), k))
+    monkeypatch.setattr(engine, "rank_dsi", lambda model, images, trie, k, *rest: seen.append((len(images), k))
                         or (ranked, 0.0))
     assert train.index_whole(cell, None, 0.75) == (True, 0.75)          # at the floor counts as whole
     assert train.index_whole(cell, None, 0.76) == (False, 0.75)
-    assert seen == [(4, train.IA_DEPTH)] * 2                            # the IDB's images, searched as evaluate does
+    assert seen == [(4, run.IA_DEPTH)] * 2                            # the IDB's images, searched as evaluate does

@@ -25,10 +25,25 @@ def test_causal_mask_lets_each_position_see_itself_and_the_past():
 def test_the_encoder_split_at_any_block_is_the_whole_encoder():
     model = small_model().eval()
     images = torch.randn(3, 3, 32, 32)
-    whole = model.encode(images)
-    for k in range(len(model.encoder) + 1):
-        torch.testing.assert_close(model.encode_after(model.encode_until(images, k), k), whole)
-    assert not torch.allclose(model.encode_until(images, 1), model.encode_until(images, 2))   # k counts blocks
+    encoder = model.encoder
+    whole = encoder(images)
+    assert torch.equal(model.encode(images), whole)
+    for k in range(len(encoder.blocks) + 1):
+        assert torch.equal(encoder.after(encoder.until(images, k), k), whole)
+    assert not torch.allclose(encoder.until(images, 1), encoder.until(images, 2))   # k counts blocks
+
+
+def test_state_dict_names_follow_the_modules():
+    keys = set(small_model(pos_encoding="learned").state_dict())
+    assert {"encoder.patch_embedding.to_patch_embedding.weight", "encoder.pos.pe", "encoder.norm.weight",
+            "encoder.blocks.0.attn.to_qkv.weight", "encoder.blocks.1.mlp.3.bias", "token_embedding.weight",
+            "decoder_pos.pe", "decoder.0.cross_attn.to_kv.weight", "decoder_norm.weight", "head.weight"} <= keys
+    part = lambda key: ".".join(key.split(".")[:2 if key.startswith("encoder.") else 1])   # noqa: E731
+    assert {part(key) for key in keys} == {"encoder.patch_embedding", "encoder.pos", "encoder.blocks",
+                                           "encoder.norm", "token_embedding", "decoder_pos", "decoder",
+                                           "decoder_norm", "head"}   # so no "encoder_norm", no "encoder.0"
+    sinusoidal = set(small_model().state_dict())   # fixed positions are rebuilt from the config, not stored
+    assert sinusoidal == keys - {"encoder.pos.pe", "decoder_pos.pe"}
 
 
 def test_attention_matches_scaled_dot_product_attention():
@@ -154,7 +169,7 @@ def test_every_patch_encoding_sees_every_patch():
     patch's encoding, changing the first changes the last's, and so for every patch."""
     model = small_model().eval()
     images = torch.randn(2, 3, 32, 32)
-    n = model.patch_embedding.num_patches
+    n = model.encoder.patch_embedding.num_patches
     with torch.no_grad():
         before = model.encode(images)                                          # (B, N, D)
         for patch in (0, n - 1):
@@ -169,7 +184,7 @@ def test_every_id_token_reads_every_patch():
     because the bidirectional encoder would carry an image change to every patch anyway."""
     model = small_model().eval()
     tokens = torch.tensor([[BOS, 1, 2, 3, EOS], [BOS, 4, 5, 6, EOS]])
-    n = model.patch_embedding.num_patches
+    n = model.encoder.patch_embedding.num_patches
     with torch.no_grad():
         memory = model.encode(torch.randn(2, 3, 32, 32))                      # (B, N, D)
         before = model.decode(memory, tokens)                                  # (B, L, V)
