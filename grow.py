@@ -145,8 +145,8 @@ def new_ids(ckpt: dict, classes: list[int], nearest: list[str | None]) -> tuple[
 # recipe with a constant lr (paper) settles too.
 SETTLE_FLOOR = 0.05
 # Old images in the teacher-forced gate: a sample, since a pass over it costs a fraction of the beam-search check
-# of every old image it stands in front of, and 128 tell the 0.93-0.97 of unsettled old IDs from 0.98 often enough
-# (a wrong pass costs one check, a wrong fail one epoch).
+# of every old image it stands in front of; 128 images put the sample's accuracy within a few points of the
+# whole index's (a wrong pass costs one check, a wrong fail one epoch).
 GATE_SAMPLE = 128
 
 
@@ -214,7 +214,7 @@ def replay_order(n_new: int, n_old: int, n_q: int, n_replay: int, gen: torch.Gen
 def replay_count(n_new: int, n_old: int, s: GrowSettings, batch_size: int) -> int:
     """Old pairs replayed per epoch: `replay` per new image, and at least `replay_min` of the old index, because
     a small addition knocks the old IDs down about as far as a large one and they recover at the rate they are
-    rehearsed (RESULTS.md, "Growing an index"); and enough to fill a batch, since a handful of new images alone
+    rehearsed; and enough to fill a batch, since a handful of new images alone
     would be a few steps free to overwrite anything."""
     if not n_old or not s.replay:
         return 0
@@ -245,9 +245,9 @@ def learn_additions(model: ViTDSI, recipe: Recipe, device: torch.device, new: tu
     the retrieval phase, Tay et al. §4.4). `new` = uint8 images (n, 3, S, S) and their IDs. Training ends when
     the new images' IA@1 AND the old images' IA@1 reach the target: a few new IDs are learnt in a few epochs,
     while the old ones they disturbed may still need the replay to settle. Like train.py's `index`, the cheap
-    teacher-forced exact match gates the beam-search checks: of the new images, and of a random sample of
-    the old ones (`GATE_SAMPLE`, drawn by a generator of its own, so the gate changes no step of training).
-    Returns epochs, seconds, the new and the old images' IA@1 and the optimizer."""
+    teacher-forced exact match gates the beam-search checks: of the new images, and of a sample of the old ones
+    (`GATE_SAMPLE`, by a generator of its own: the gate changes no step of training). Returns epochs, seconds,
+    the new and the old images' IA@1 and the optimizer."""
     (new_images, ids_new), n_old = new, len(replay.ids)
     n_q = len(replay.queries) if replay.queries is not None else 0
     n_replay = replay_count(len(ids_new), n_old, s, recipe.batch_size)
@@ -261,42 +261,55 @@ def learn_additions(model: ViTDSI, recipe: Recipe, device: torch.device, new: tu
     bf16 = use_bf16(recipe.precision, device)
     trainer = engine.make_trainer(model, recipe, s.lr, steps, s.epochs, device, bf16, augment_seed=s.seed + 1,
                                   schedule=schedule)
-    optimizer, scheduler = trainer.optimizer, trainer.scheduler
-    k = len(model.encoder.blocks) if s.frozen is None else s.frozen
-    frozen = [model.encoder.patch_embedding, *model.encoder.blocks[:k]] if k else []
-    for part in frozen:    # the layers above learn the new IDs from what the frozen bottom already sees
-        part.requires_grad_(False)
-    if frozen:
-        pool.cached, pool.frozen = encoded_until(model, pool.images, k, device, bf16), k
+    frozen = freeze_bottom(model, pool, s.frozen, device, bf16)
     set_dropout(model, model.config.dropout if recipe.index_dropout is None else recipe.index_dropout,
                 recipe.dropout_draw)
     epoch, new_ia, old_ia, t_start = 0, 0.0, 0.0, time.perf_counter()
     while epoch < s.epochs and min(new_ia, old_ia) < s.target:   # both are measured on the same epoch
         epoch += 1
         t0 = time.perf_counter()
-        order = replay_order(len(ids_new), n_old, n_q, n_replay, gen)
-        loss, acc, _ = engine.run_epoch(trainer, pool, order, recipe.batch_size)
+        loss, acc, _ = engine.run_epoch(trainer, pool, replay_order(len(ids_new), n_old, n_q, n_replay, gen),
+                                        recipe.batch_size, phase="addition", epoch=epoch)
         _, new_acc = engine.eval_loss(model, new_images, new_targets, 2 * recipe.batch_size, device, bf16)
-        learnt, old_acc = new_acc >= s.target, 1.0   # until the new IDs are learnt, no check is due
-        if learnt and n_old:
-            sample = torch.randperm(n_old, generator=gate_gen)[:GATE_SAMPLE]                # (<= GATE_SAMPLE,)
-            _, old_acc = engine.eval_loss(model, replay.images[sample], old_targets[sample], 2 * recipe.batch_size,
-                                         device, bf16)
+        learnt = new_acc >= s.target   # until the new IDs are learnt, no check of the old ones is due
+        old_acc = gate_sample_acc(model, replay.images, old_targets, gate_gen, 2 * recipe.batch_size, device,
+                                  bf16) if learnt and n_old else 1.0
         if learnt and s.settle:   # let the lr settle, so that the old IDs the new ones disturbed recover
             schedule.settle(epoch * steps, round(s.settle * epoch * steps))
         check = min(new_acc, old_acc) >= s.target or epoch == s.epochs
         if check:
             new_ia = ia_at_1(model, new_images, ids_new, trie, s, device)
             old_ia = ia_at_1(model, replay.images, replay.ids, trie, s, device) if n_old else 1.0
-        gated = f"old acc {old_acc:.3f}  " if learnt and n_old else ""
-        log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  {gated}"
-            f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
+        log(f"add    epoch {epoch:4d}/{s.epochs}  loss {loss:.4f}  acc {acc:.3f}  new acc {new_acc:.3f}  "
+            + (f"old acc {old_acc:.3f}  " if learnt and n_old else "")
+            + f"lr {trainer.scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.2f} s/epoch"
             + (f"  new IA@1 {new_ia:.3f}  old IA@1 {old_ia:.3f}" if check else ""))
     set_dropout(model, model.config.dropout)
     for part in frozen:
         part.requires_grad_(True)
     return {"epochs": epoch, "seconds": time.perf_counter() - t_start, "new_ia": new_ia, "old_ia": old_ia,
-            "optimizer": optimizer}
+            "optimizer": trainer.optimizer}
+
+
+def gate_sample_acc(model: ViTDSI, images: torch.Tensor, targets: torch.Tensor, gen: torch.Generator,
+                    batch_size: int, device: torch.device, bf16: bool) -> float:
+    """Teacher-forced exact match of a random sample of `GATE_SAMPLE` old images (the gate before a full check)."""
+    sample = torch.randperm(len(images), generator=gen)[:GATE_SAMPLE]                      # (<= GATE_SAMPLE,)
+    return engine.eval_loss(model, images[sample], targets[sample], batch_size, device, bf16)[1]
+
+
+def freeze_bottom(model: ViTDSI, pool: engine.Pool, frozen: int | None, device: torch.device,
+                  bf16: bool) -> list[torch.nn.Module]:
+    """Freeze the patch embedding and the bottom `frozen` encoder blocks (None: all of them), so that the layers
+    above learn the new IDs from what the frozen bottom already sees; its output is computed once per pool image
+    and cached in the pool. Returns the frozen parts, to thaw after training."""
+    k = len(model.encoder.blocks) if frozen is None else frozen
+    parts = [model.encoder.patch_embedding, *model.encoder.blocks[:k]] if k else []
+    for part in parts:
+        part.requires_grad_(False)
+    if parts:
+        pool.cached, pool.frozen = encoded_until(model, pool.images, k, device, bf16), k
+    return parts
 
 
 def encoded_until(model: ViTDSI, images: torch.Tensor, k: int, device: torch.device, bf16: bool,

@@ -10,9 +10,8 @@ Di Stefano, "Vision Transformer Memory as a Differentiable Search Index for Imag
   5. score every row with the same functions on the same test queries (metrics.py) and write
      results.json, results.md, curves.png, checkpoint.pt and train.log to `--out`.
 
-Read it top to bottom: `index`, `finetune`, `evaluate`, then `run_experiment` that ties them together and
-a short `main`. The machinery they call (optimiser, epoch loop, resume, checkpoints, command line) is in
-support/ (README "Layout").
+Read it top to bottom: `index`, `finetune`, `evaluate`, then `run_experiment` that ties them together, and
+`main`. The machinery they call (optimiser, epoch loop, resume, checkpoints, flags) is in support/.
 
 Usage:
     python train.py --db-size 512 --ids clustered                 # built-in data, no download
@@ -38,10 +37,10 @@ import data
 import de
 import grow
 import metrics
-from support import cli, engine, plots, query, resume, sources, store
-from support import run as runlog
-from support.run import IA_DEPTH, RANK_DEPTH, Cell, Clock, Log, UsageError, fmt_seconds, pick_device, score_row
-from support.run import set_seed, training_pairs, use_bf16
+from support import cli, download, engine, outputs, plots, query, resume, sources, store
+from support.run import IA_DEPTH, RANK_DEPTH, Cell, Clock, Log, UsageError, fmt_seconds, os_error_line, pick_device
+from support.run import record_curves, retrieval_end, retrieval_line, retrieval_plan, score_row, set_seed
+from support.run import training_pairs, use_bf16
 from vitdsi import IDTrie, ViTDSI, set_dropout
 
 
@@ -80,7 +79,7 @@ def index(cell: Cell, model: ViTDSI) -> dict:
         epoch += 1
         clock.lap()
         loss, _, acc = engine.run_epoch(trainer, pool, engine.epoch_order(n_idb, n_views, n_idb, cell.gen),
-                                        recipe.batch_size)
+                                        recipe.batch_size, phase="indexing", epoch=epoch)
         # Exact match under teacher forcing is free; only when it passes the target do we pay for
         # the real check: IA@1 by beam search with dropout off.
         if acc >= a.index_target_acc or epoch == recipe.index_epochs:
@@ -197,7 +196,7 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     # Below this IA@1 an epoch is not kept (the zero-shot IA@1 when indexing ended under the target).
     floor = min(a.index_target_acc, cell.finished["zero_shot"]["IA@1"]) if "zero_shot" in cell.finished \
         else a.index_target_acc
-    log(runlog.retrieval_plan(recipe, n_q, n_mix, floor))
+    log(retrieval_plan(recipe, n_q, n_mix, floor))
     for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
         cell.curves[key] = []
     stopper = engine.EarlyStopping(recipe.patience, recipe.min_epochs)
@@ -209,16 +208,16 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
         epoch += 1
         clock.lap()
         loss, acc, _ = engine.run_epoch(trainer, pool, engine.epoch_order(n_q, n_mix, n_idb, cell.gen),
-                                        recipe.batch_size)
+                                        recipe.batch_size, phase="retrieval", epoch=epoch)
         v = validate(cell, model, val)
-        runlog.record_curves(cell.curves, loss, acc, v)
+        record_curves(cell.curves, loss, acc, v)
         stopper.step(epoch, epoch_score(cell, model, v, epoch, floor, stopper.best_score), model, trainer.optimizer)
-        log(runlog.retrieval_line(epoch, recipe.retrieval_epochs, loss, acc, v, trainer.scheduler.get_last_lr()[0],
+        log(retrieval_line(epoch, recipe.retrieval_epochs, loss, acc, v, trainer.scheduler.get_last_lr()[0],
                                     clock))
         resume.save_resume_state(cell, "retrieval", trainer, {"epoch": epoch, "seconds": clock.seconds()},
                                  rng, stopper)
     stopper.restore(model, trainer.optimizer)
-    log(runlog.retrieval_end(recipe, epoch, stopper.stopped(epoch), stopper.best_epoch, floor))
+    log(retrieval_end(recipe, epoch, stopper.stopped(epoch), stopper.best_epoch, floor))
     return {"seconds": clock.seconds(), "epochs": epoch, "best_epoch": stopper.best_epoch,
             "optimizer": trainer.optimizer}
 
@@ -322,8 +321,9 @@ def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: i
     rows = [cell.finished["bovw"]] if "bovw" in cell.finished else []
     if "dsi" in a.models:
         rows += run_dsi(cell, out)
-    if "de" in a.models and with_baselines:   # after the DSI, so that the DSI's numbers do not depend on whether the DE runs
+    if "de" in a.models and with_baselines:   # after the DSI: the DSI's numbers do not depend on the DE's
         rows.append(de.run_dual_encoder(cell))
+    plots.draw_retrievals(cell, os.path.join(out, "retrievals.png"), a.sheet_queries)
     return rows
 
 
@@ -333,33 +333,26 @@ def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: i
 
 def train_run(a: argparse.Namespace, saver: resume.ResumeSaver, state: dict | None) -> int:
     """A training run (or a --sweep of them): every experiment's rows in one results.json/results.md."""
-    out = a.out or cli.default_out(a)
-    os.makedirs(out, exist_ok=True)
-    log = Log(os.path.join(out, "train.log"), quiet=a.quiet)
-    recipe = cli.recipe_from_args(a)
-    log(f"vit-dsi: {' '.join(sys.argv[1:]) or '(defaults)'} -> {out}")
-    log(f"recipe '{a.recipe}': " + ", ".join(f"{k} {v}" for k, v in asdict(recipe).items()))
-    if a.sweep:   # its finished cells are not kept apart from the unfinished one: no resume state
-        saver.why_not = "a --sweep cannot be resumed"
-    else:
-        resume.arm_saver(saver, os.path.join(out, resume.RESUME_FILE), a.save_every, state, log)
-    t_run = time.perf_counter()
-    cells = [(n, s) for n in a.sweep_sizes for s in a.sweep_ids] if a.sweep else [(a.db_size, a.ids)]
-    imageset, rows = cli.load_images(a, max(n for n, _ in cells), log), []
-    for n, scheme in cells:
-        cell_out = os.path.join(out, f"{n}-{scheme}") if a.sweep else out
-        os.makedirs(cell_out, exist_ok=True)
-        log(f"== db-size {n}, ids {scheme} ==")
-        rows += run_experiment(a, imageset, n, scheme, cell_out, log,   # BoVW and the DE: once per db size
-                               with_baselines=(scheme == a.sweep_ids[0] or not a.sweep), saver=saver, resumed=state)
-    header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
-              f"seed {a.seed}, recipe {a.recipe}")
-    table = store.write_results(out, rows, header, {"args": vars(a), "recipe": {"name": a.recipe, **asdict(recipe)},
-                                                    "wall_seconds": round(time.perf_counter() - t_run, 1)})
+    with outputs.run_folder(a, saver, state) as folder:   # OUT locked, its log, a staging folder for the outputs
+        t_run, log = time.perf_counter(), folder.log
+        cells = [(n, s) for n in a.sweep_sizes for s in a.sweep_ids] if a.sweep else [(a.db_size, a.ids)]
+        imageset, rows = cli.load_images(a, max(n for n, _ in cells), log), []
+        for n, scheme in cells:
+            cell_out = os.path.join(folder.staging, f"{n}-{scheme}") if a.sweep else folder.staging
+            os.makedirs(cell_out, exist_ok=True)
+            log(f"== db-size {n}, ids {scheme} ==")
+            rows += run_experiment(a, imageset, n, scheme, cell_out, log,   # BoVW and the DE: once per db size
+                                   with_baselines=(scheme == a.sweep_ids[0] or not a.sweep), saver=saver, resumed=state)
+        header = (f"{a.dataset}, {'Table 1 sweep' if a.sweep else f'db-size {a.db_size}, ids {a.ids}'}, "
+                  f"seed {a.seed}, recipe {a.recipe}")
+        table = store.write_results(folder.staging, rows, header, {
+            "args": vars(a), "recipe": {"name": a.recipe, **asdict(cli.recipe_from_args(a))},
+            "wall_seconds": round(time.perf_counter() - t_run, 1)})
+        folder.commit()
     if saver.path:   # the run is whole: checkpoint.pt is its model, and a resume has nothing left to do
         with contextlib.suppress(FileNotFoundError):
             os.remove(saver.path)
-    log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {out}")
+    log(f"done in {fmt_seconds(time.perf_counter() - t_run)}; outputs in {folder.out}")
     if a.quiet:
         print(table)
     else:
@@ -388,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     saver = resume.ResumeSaver()   # run() points it at OUT/resume.pt; on Ctrl-C it saves the last completed epoch
     try:
         return run(a, saver)
-    except (UsageError, sources.DataError, bovw.BoVWError) as e:
+    except (UsageError, sources.DataError, bovw.BoVWError, download.DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # disk full, no permission, a read-only folder: what was there stays whole
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(saver.interrupted(), file=sys.stderr)

@@ -382,7 +382,7 @@ class ViTDSI(nn.Module):
         return self.decode(self.encode(images), tokens)
 
     def generate(self, images: torch.Tensor, trie: IDTrie, k: int = 10,
-                 beam: int | None = None) -> list[list[tuple[str, float]]]:
+                 beam: int | None = None, trace: list | None = None) -> list[list[tuple[str, float]]]:
         """Batched beam search constrained by `trie`: per image, up to k DISTINCT valid IDs with their
         sequence log-probabilities (see `constrained_log_probs`; summed over digits and EOS), best first.
 
@@ -391,6 +391,7 @@ class ViTDSI(nn.Module):
         best digit continuations stay alive. With beam >= len(trie) nothing is ever pruned, so the result
         equals ranking `score_all_ids`. `beam` defaults to k, and a narrower one is widened to k, since it
         could finish fewer than k IDs: fewer than k come back only when the trie holds fewer than k.
+        An empty list as `trace` receives one dict per step about image 0 (`_trace_step`); None costs nothing.
         """
         if k < 1 or (beam is not None and beam < 1):
             raise ValueError(f"k and beam must be >= 1, got k={k}, beam={beam}")
@@ -415,6 +416,7 @@ class ViTDSI(nn.Module):
             done_nodes = nodes.new_empty(B, 0)                        # (B, <=k) their terminal trie nodes
             for _ in range(trie.max_len - 1):
                 candidates = self._continuations(memory, memory_kv, tokens, nodes, scores, allowed, many_choices)
+                _trace_step(trace, trie, tokens, nodes, scores, candidates)   # before EOS and pruning mask them
                 done_scores, done_nodes = _keep_best_finished(done_scores, done_nodes, candidates[..., EOS],
                                                               children[nodes, EOS], k)
                 candidates[..., EOS] = float("-inf")                  # (B, W, V): digits only from here
@@ -454,6 +456,46 @@ def _keep_best_finished(done_scores: torch.Tensor, done_nodes: torch.Tensor, eos
     done_nodes = torch.cat([done_nodes, eos_nodes], dim=1)
     done_scores, best = done_scores.topk(min(k, done_scores.shape[1]), dim=1)   # (B, <=k)
     return done_scores, done_nodes.gather(1, best)
+
+
+def _trace_step(trace: list | None, trie: IDTrie, tokens: torch.Tensor, nodes: torch.Tensor,
+                scores: torch.Tensor, candidates: torch.Tensor) -> None:
+    """`generate`'s trace of one step, image 0 only (the first image of the batch). With trace None it returns
+    at once: an untraced search runs no extra op and no sync. Otherwise it appends a dict of plain data (str,
+    float, lists of tuples; scores are summed log-probs, a prefix is the digits written so far, "" at first)
+    and gives the previous dict its survivors, this step's prefixes; a step where image 0 has no live
+    hypothesis left (other images still searching) adds nothing:
+
+        {"step": t,                          0-based: this step writes token t + 1 after BOS, a digit or EOS
+         "prefixes": [(prefix, score)],      the live hypotheses entering the step, best first
+         "options": [[(token, logp, total)]],  per prefix, each token the trie allows ("0".."9" or "EOS"),
+                                             best first: its log-prob and the extended score (score + logp)
+         "finished": [(id, total)],          the IDs that EOS closes here, best first (the k best of all the
+                                             steps' finished IDs are what `generate` returns)
+         "survivors": [(prefix, score)]}     the hypotheses alive after the step (the beam's best digit
+                                             continuations not below the k-th finished ID); [] at the end
+    tokens (B, W, t), nodes and scores (B, W), candidates (B, W, V) as `_continuations` returns them.
+    """
+    if trace is None:
+        return
+    row_scores = scores[0].tolist()                                    # (W,)
+    live = [w for w, s in enumerate(row_scores) if s > float("-inf")]
+    if not live:
+        return
+    prefixes = [("".join(str(d) for d in tokens[0, w, 1:].tolist()), row_scores[w]) for w in live]
+    step = tokens.shape[2] - 1
+    if step > 0 and trace:
+        trace[-1]["survivors"] = prefixes
+    rows, row_nodes = candidates[0].tolist(), nodes[0].tolist()       # (W, V), (W,)
+    options, finished = [], []
+    for w in live:
+        options.append(sorted(((("EOS" if v == EOS else str(v)), total - row_scores[w], total)
+                               for v, total in enumerate(rows[w]) if total > float("-inf")), key=lambda o: -o[2]))
+        if rows[w][EOS] > float("-inf"):
+            end = int(trie.children[row_nodes[w], EOS])
+            finished.append((trie.ids[int(trie.id_of_node[end])], rows[w][EOS]))
+    trace.append({"step": step, "prefixes": prefixes, "options": options,
+                  "finished": sorted(finished, key=lambda f: -f[1]), "survivors": []})
 
 
 def _best_continuations(candidates: torch.Tensor, tokens: torch.Tensor, nodes: torch.Tensor,

@@ -8,14 +8,18 @@ the flags turn into (the recipe, the model config, the images, the output folder
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import string
 import time
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from typing import NoReturn
 
 import torch
 
-from support import sources
+from data import VOCAB_SIZE
+from support import download, sources
 from support.recipes import RECIPES, Recipe
 from support.run import Log, UsageError
 from vitdsi import ViTDSIConfig
@@ -55,7 +59,9 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("start here")
     g.add_argument("--dataset", default="synthetic", choices=list(sources.DATASETS),
                    help="image source; synthetic is built in (no files)")
-    g.add_argument("--data-root", help="imagenet: ImageFolder root DIR/<class>/<image>; coco: the images folder")
+    g.add_argument("--data-root", help="imagenet: ImageFolder root DIR/<class>/<image>; coco: the images folder; "
+                                       "imagenette: the cache folder it is downloaded to once (default: "
+                                       f"{download.default_data_root()})")
     g.add_argument("--db-size", type=int, default=512, help="images drawn for the run (IDB + queries), paper Table 1")
     g.add_argument("--ids", default="clustered", choices=["clustered", "random", "semantic"],
                    help="ID scheme of the IDB; semantic = hierarchical k-means over BoVW histograms, no labels")
@@ -124,6 +130,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep-sizes", type=int, nargs="+", default=[512, 1024, 2048], help="db sizes of --sweep")
     g.add_argument("--sweep-ids", nargs="+", default=["clustered", "random"], choices=["clustered", "random", "semantic"],
                    help="ID schemes of --sweep")
+    g.add_argument("--sheet-queries", type=int, default=6, metavar="N",
+                   help="test queries drawn (with --seed) for retrievals.png, each with every model's top 10; 0 = none")
     g.add_argument("--save-every", type=int, default=5, metavar="N",
                    help="write the resume state (resume.pt: weights, optimiser state, generators; a few times the "
                         "model's size) every N epochs of a phase, and on Ctrl-C; 0 = on Ctrl-C only. Each save "
@@ -136,6 +144,14 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="checkpoint.pt of a finished run, used with --query, --add or --remove")
     g.add_argument("--query", nargs="+", metavar="IMAGE", help="image files to look up in the checkpoint's index")
     g.add_argument("--top-k", type=int, default=10, help="IDs printed per query image")
+    g.add_argument("--sheet", metavar="PATH",
+                   help="--query: PNG drawn of the answers, one row per query image with the indexed images of "
+                        "its top-k IDs (10 at most), an unreadable one grey; its folder must exist, an existing "
+                        "file is replaced (default: query.png)")
+    g.add_argument("--explain", action="store_true",
+                   help="--query: also print the beam search of the first query image step by step: the live "
+                        "prefixes, the digits the trie allows next with their log-probs, the IDs finished, the "
+                        "survivors, then the ranked IDs")
     g.add_argument("--add", nargs="+", metavar="PATH",
                    help="image files or ImageFolder trees (DIR/<class>/<image>) to index into the checkpoint's "
                         "model, without retraining it; writes a new checkpoint under --out")
@@ -190,8 +206,10 @@ def default_out(a: argparse.Namespace) -> str:
 
 def load_images(a: argparse.Namespace, db_size: int, log: Log) -> sources.ImageSet:
     """The images a run draws from, as its flags say, with one log line about what was read."""
-    t0 = time.perf_counter()
-    imageset = sources.load_dataset(a.dataset, data_root=a.data_root, coco_annotations=a.coco_annotations,
+    t0, name, root = time.perf_counter(), a.dataset, a.data_root
+    if name == "imagenette":   # the paper's ImageNet protocol: fast.ai's 10-class subset, its train/ folder
+        name, root = "imagenet", download.fetch_imagenette(root or download.default_data_root(), progress=log)
+    imageset = sources.load_dataset(name, data_root=root, coco_annotations=a.coco_annotations,
                                     image_size=a.image_size, aspect_range=tuple(a.aspect_range),
                                     db_size=db_size, seed=a.seed)
     log(f"data: {len(imageset.refs)} images of {len(imageset.class_names)} classes from '{a.dataset}' "
@@ -204,6 +222,176 @@ def load_images(a: argparse.Namespace, db_size: int, log: Log) -> sources.ImageS
 # Checks: every flag, before any work
 # --------------------------------------------------------------------------------------------
 
+TRAINING, CHECKPOINT, BOTH, MODEL, CONFIG = "training", "checkpoint", "both", "model", "config"
+READ_BY = {TRAINING: (TRAINING, BOTH, MODEL), CHECKPOINT: (CHECKPOINT, BOTH), CONFIG: (MODEL, CONFIG)}
+SEED_MAX = 2 ** 32 - 1      # numpy seeds are 32-bit
+MAX_PATCHES_A_SIDE = 64     # 4096 patches: attention over N patches costs N^2
+LR_MAX = "1e30"             # torch's optimisers step in float32: an lr near 1e37 overflows it (a RuntimeError);
+                            # one below that which diverges stops the run (engine.run_epoch: TrainingDiverged)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values one number may take: flag (or checkpoint config field) `name` is a `kind`, int or float (never
+    a bool, NaN or infinity, which argparse's float accepts as "nan" and "inf"), inside `span`, an interval:
+    a bracket includes its end, a parenthesis leaves it out, inf = no bound; for a str, the set of its values.
+    `where` says who reads it: a training run, the --checkpoint modes, both; `model`: a training run's model
+    flag and the config a checkpoint carries; `config`: that config only. `e_g` is a good value, for the fix."""
+    name: str
+    kind: type
+    span: str
+    where: str
+    e_g: str
+
+
+RULES = (
+    #     flag or config field  kind   values                    read by     e.g.
+    Rule("db_size",            int,   "[1, inf)",               TRAINING,   "512"),
+    Rule("seed",               int,   f"[0, {SEED_MAX}]",       BOTH,       "0"),
+    Rule("threads",            int,   "[0, 1024]",              BOTH,       "0"),
+    Rule("save_every",         int,   "[0, inf)",               TRAINING,   "5"),
+    Rule("index_fraction",     float, "(0, 1)",                 TRAINING,   "0.25"),
+    Rule("index_hold_out",     float, "[0, 1)",                 TRAINING,   "0.25"),
+    Rule("aspect_range",       float, "(0, inf)",               TRAINING,   "0.9 1.1"),   # MIN and MAX each
+    # the model: a training run's flags, and the config a checkpoint carries (bounds: no absurd allocation)
+    Rule("image_size",         int,   "[1, 4096]",              MODEL,      "160"),
+    Rule("patch_size",         int,   "[1, 4096]",              MODEL,      "16"),        # flag: 8, 16 or 32
+    Rule("dim",                int,   "[2, 4096]",              MODEL,      "128"),
+    Rule("mlp_dim",            int,   "[1, 65536]",             MODEL,      "256"),
+    Rule("depth",              int,   "[1, 64]",                MODEL,      "6"),
+    Rule("heads",              int,   "[1, 4096]",              MODEL,      "4"),
+    Rule("dropout",            float, "[0, 1)",                 MODEL,      "0.1"),
+    Rule("pos_encoding",       str,   "{sinusoidal, learned}",  CONFIG,     "sinusoidal"),
+    Rule("channels",           int,   "[3, 3]",                 CONFIG,     "3"),
+    Rule("vocab_size",         int,   f"[{VOCAB_SIZE}, {VOCAB_SIZE}]", CONFIG, str(VOCAB_SIZE)),
+    Rule("max_len",            int,   "[3, 64]",                CONFIG,     "16"),
+    # the recipe: unset = the named recipe's value, checked when given
+    Rule("lr",                 float, f"(0, {LR_MAX}]",         TRAINING,   "2e-3"),
+    Rule("weight_decay",       float, "[0, 100]",               TRAINING,   "0.01"),
+    Rule("batch_size",         int,   "[1, inf)",               TRAINING,   "32"),
+    Rule("warmup_epochs",      float, "[0, inf)",               TRAINING,   "3"),
+    Rule("lr_floor",           float, "[0, 1]",                 TRAINING,   "0.05"),
+    Rule("index_epochs",       int,   "[1, inf)",               TRAINING,   "150"),
+    Rule("index_dropout",      float, "[0, 1)",                 TRAINING,   "0"),
+    Rule("index_views",        float, "[0, 100]",               TRAINING,   "1"),
+    Rule("retrieval_epochs",   int,   "[1, inf)",               TRAINING,   "30"),
+    Rule("retrieval_lr",       float, f"(0, {LR_MAX}]",         TRAINING,   "2e-3"),
+    Rule("patience",           int,   "[0, inf)",               TRAINING,   "10"),
+    Rule("min_epochs",         int,   "[0, inf)",               TRAINING,   "0"),
+    Rule("index_mix",          float, "[0, 100]",               TRAINING,   "1"),
+    Rule("label_smoothing",    float, "[0, 1)",                 TRAINING,   "0.1"),
+    Rule("retrieval_targets",  int,   "[1, 1024]",              TRAINING,   "8"),
+    Rule("index_target_acc",   float, "(0, 1]",                 BOTH,       "0.98"),
+    # the run
+    Rule("bovw_k",             int,   "[1, inf)",               TRAINING,   "200"),
+    Rule("beam",               int,   "[1, inf)",               BOTH,       "10"),
+    Rule("sweep_sizes",        int,   "[1, inf)",               TRAINING,   "512 1024 2048"),   # each
+    Rule("sheet_queries",      int,   "[0, inf)",               TRAINING,   "6"),
+    # a trained index: --query, --add, --remove
+    Rule("top_k",              int,   "[1, inf)",               CHECKPOINT, "10"),
+    Rule("replay",             float, "[0, 100]",               CHECKPOINT, "2"),
+    Rule("replay_min",         float, "[0, 1]",                 CHECKPOINT, "0.25"),
+    Rule("add_lr",             float, f"(0, {LR_MAX}]",         CHECKPOINT, "5e-4"),
+    Rule("add_epochs",         int,   "[1, inf)",               CHECKPOINT, "100"),
+    Rule("settle",             float, "[0, inf)",               CHECKPOINT, "1"),
+    Rule("add_frozen",         int,   "[0, inf)",               CHECKPOINT, "0"),
+)
+MANY_VALUES = ("aspect_range", "sweep_sizes")   # flags that take several values: each is checked
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A rule between numbers that each passed their own: `holds(v)` over their values v (a dict by name).
+    `says` is what must hold, its {names} standing for those flags (or config fields) with their values."""
+    says: str
+    holds: Callable[[dict], bool]
+    e_g: str
+
+
+RELATIONS = (
+    Relation("{dim} must be even: sinusoidal encodings pair its channels",
+             lambda v: v["dim"] % 2 == 0, "--dim 128"),
+    Relation("{dim} must be divisible by {heads}",
+             lambda v: v["dim"] % v["heads"] == 0, "--dim 128 --heads 4"),
+    Relation("{image_size} must be divisible by {patch_size}",
+             lambda v: v["image_size"] % v["patch_size"] == 0, "--image-size 160 --patch-size 16, or 64 and 8"),
+    Relation(f"{{image_size}} over {{patch_size}} must give at most {MAX_PATCHES_A_SIDE} patches a side",
+             lambda v: v["image_size"] // v["patch_size"] <= MAX_PATCHES_A_SIDE, "--image-size 160 --patch-size 16"),
+    Relation("{aspect_range} must be two numbers, MIN <= MAX",
+             lambda v: len(v["aspect_range"]) == 2 and v["aspect_range"][0] <= v["aspect_range"][1],
+             "--aspect-range 0.9 1.1"),
+)
+
+
+def span_ends(span: str) -> tuple[str, str, str, str]:
+    """"[0, 1)" -> ("[", "0", "1", ")"): each end's bracket and number, as written."""
+    low, high = span[1:-1].split(", ")
+    return span[0], low, high, span[-1]
+
+
+def out_of_span(rule: Rule, value) -> str | None:
+    """What is wrong with one value under `rule`, as the end of a sentence ("must be at least 1"); None if nothing."""
+    if rule.kind is str:
+        choices = rule.span[1:-1].split(", ")
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float) if rule.kind is float else int):
+        return "must be a whole number" if rule.kind is int else "must be a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    low_end, low, high, high_end = span_ends(rule.span)
+    if low == high:
+        return None if value == float(low) else f"must be {low}"
+    if value < float(low) or (value == float(low) and low_end == "("):
+        return ("must be more than " + low if low_end == "(" else
+                "must be 0 or more" if low == "0" else "must be at least " + low)
+    if value > float(high) or (value == float(high) and high_end == ")"):
+        return ("must be less than " if high_end == ")" else "must be at most ") + high
+    return None
+
+
+def first_problem(values: dict, read_by: str, show: Callable[[str, object], str],
+                  unset_ok: bool = True) -> tuple[str, str] | None:
+    """The first number of `values` (by name) that breaks its rule, then the first relation broken, among those
+    `read_by` reads: (the problem in words, each number named by `show(name, value)`; flags that fix it).
+    With `unset_ok`, a value None is unset (a recipe flag not given) and passes."""
+    rules = [r for r in RULES if r.where in READ_BY[read_by] and not (unset_ok and values.get(r.name) is None)]
+    for rule in rules:
+        value, many, fix = values.get(rule.name), rule.name in MANY_VALUES, flag_and_value(rule.name, rule.e_g)
+        if many and not isinstance(value, (list, tuple)):
+            return f"{show(rule.name, value)} must be a list of numbers", fix
+        for item in value if many else [value]:
+            wrong = out_of_span(rule, item)
+            if wrong:
+                return f"{show(rule.name, value)} {'each ' if many else ''}{wrong}", fix
+    known = {r.name: values[r.name] for r in rules}
+    for relation in RELATIONS:
+        names = [field for _, field, _, _ in string.Formatter().parse(relation.says) if field]
+        if set(names) <= set(known) and not relation.holds(known):
+            return relation.says.format(**{n: show(n, known[n]) for n in names}), relation.e_g
+    return None
+
+
+def flag_and_value(name: str, value) -> str:
+    """--aspect-range 0.9 1.1, as a user types it."""
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return f"--{name.replace('_', '-')} {shown}"
+
+
+def check_numbers(a: argparse.Namespace, read_by: str) -> None:
+    """Every number a run of this kind reads, against RULES and RELATIONS: the first one wrong is a UsageError."""
+    found = first_problem(vars(a), read_by, flag_and_value)
+    if found:
+        problem, e_g = found
+        raise UsageError(f"{problem} (e.g. {e_g})")
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with a checkpoint's model config, by the rules of the flags that made it, in words
+    ("max_len 1000000 must be at most 64"); None if nothing. Checked before any of the model is built."""
+    found = first_problem(config, CONFIG, lambda name, value: f"{name} {value!r}", unset_ok=False)
+    return found[0] if found else None
+
+
 def check_args(a: argparse.Namespace) -> None:
     """Reject bad input before any work starts: one line naming the problem and the fix."""
     modes = [flag for flag in ("query", "add", "remove") if getattr(a, flag)]
@@ -212,69 +400,24 @@ def check_args(a: argparse.Namespace) -> None:
     if a.checkpoint and len(modes) != 1:
         raise UsageError("--checkpoint needs one of --query IMAGE..., --add PATH... or --remove ID..."
                          + (f", not both --{modes[0]} and --{modes[1]}" if modes else ""))
+    for flag in ("sheet", "explain"):
+        if getattr(a, flag) and not a.query:
+            raise UsageError(f"--{flag} works with --query IMAGE...: pass the images to look up")
     if a.checkpoint:
-        check_checkpoint_args(a)
+        check_numbers(a, CHECKPOINT)
     else:
         check_training_args(a)
 
 
-def check_checkpoint_args(a: argparse.Namespace) -> None:
-    if a.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {a.top_k}")
-    if (a.replay < 0 or not 0 <= a.replay_min <= 1 or a.add_epochs < 1 or a.settle < 0
-            or (a.add_frozen is not None and a.add_frozen < 0)
-            or (a.add_lr is not None and a.add_lr <= 0)):
-        raise UsageError(f"--replay, --settle and --add-frozen must be 0 or more, --replay-min in [0, 1], "
-                         f"--add-epochs and --add-lr positive; got {a.replay}, {a.settle}, {a.add_frozen}, "
-                         f"{a.replay_min}, {a.add_epochs}, {a.add_lr}")
-    if not 0.0 < a.index_target_acc <= 1.0:
-        raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
-
-
 def check_training_args(a: argparse.Namespace) -> None:
+    check_numbers(a, TRAINING)
     check_out_folder(a.out or default_out(a))
-    if a.save_every < 0:
-        raise UsageError(f"--save-every must be 0 (save on Ctrl-C only) or more, got {a.save_every}")
     if a.dataset in ("imagenet", "coco") and not a.data_root:
         raise UsageError(f"--dataset {a.dataset} needs --data-root DIR (see README, 'Data')")
     if a.dataset == "coco" and not a.coco_annotations:
         raise UsageError("--dataset coco needs --coco-annotations instances_*.json")
-    if a.image_size % a.patch_size:
-        raise UsageError(f"--image-size {a.image_size} is not divisible by --patch-size {a.patch_size}: "
-                         f"pick sizes like 160/16 or 64/8")
-    if a.dim % a.heads:
-        raise UsageError(f"--dim {a.dim} is not divisible by --heads {a.heads}: pick e.g. --dim 128 --heads 4")
-    check_ranges(a)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
-
-
-def check_ranges(a: argparse.Namespace) -> None:
-    """The numeric flags of a training run, each against its range."""
-    for name in ("db_size", "depth", "dim", "mlp_dim", "heads", "bovw_k"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    for name in ("index_dropout", "label_smoothing"):
-        v = getattr(a, name)
-        if v is not None and not 0.0 <= v < 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
-    for name in ("index_views", "index_mix", "min_epochs", "patience", "weight_decay", "warmup_epochs"):
-        v = getattr(a, name)
-        if v is not None and v < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
-    for name in ("lr", "batch_size", "index_epochs", "retrieval_epochs", "retrieval_lr",
-                 "retrieval_targets", "beam"):
-        v = getattr(a, name)
-        if v is not None and v <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if a.lr_floor is not None and not 0.0 <= a.lr_floor <= 1.0:
-        raise UsageError(f"--lr-floor must lie in [0, 1], got {a.lr_floor}")
-    if not 0.0 <= a.dropout < 1.0:
-        raise UsageError(f"--dropout must lie in [0, 1), got {a.dropout}")
-    if not 0.0 <= a.index_hold_out < 1.0:
-        raise UsageError(f"--index-hold-out must lie in [0, 1), got {a.index_hold_out}")
-    if not 0.0 < a.index_target_acc <= 1.0:
-        raise UsageError(f"--index-target-acc must lie in (0, 1], got {a.index_target_acc}")
 
 
 def check_out_folder(out: str) -> None:
@@ -282,7 +425,10 @@ def check_out_folder(out: str) -> None:
     existing = os.path.abspath(out)
     while not os.path.exists(existing):        # the deepest part of the path that already exists
         existing = os.path.dirname(existing)
+    shown = sources.printable(out)
     if not os.path.isdir(existing):
-        raise UsageError(f"--out '{out}' cannot be a folder: '{existing}' is a file; pass another --out")
+        raise UsageError(f"--out '{shown}' cannot be a folder: '{sources.printable(existing)}' is a file; "
+                         f"pass another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out '{out}' is not writable (no write permission in '{existing}'); pass another --out")
+        raise UsageError(f"--out '{shown}' is not writable (no write permission in '{sources.printable(existing)}'); "
+                         f"pass another --out")

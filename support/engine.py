@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import data
 from support.recipes import Recipe
-from support.run import fmt_seconds
+from support.run import TrainingDiverged, fmt_seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,12 +149,17 @@ def step(trainer: Trainer, loss: torch.Tensor) -> None:
     trainer.scheduler.step()
 
 
-def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int) -> tuple[float, float, float]:
+LR_FLAGS = {"indexing": "--lr", "retrieval": "--retrieval-lr", "addition": "--add-lr"}   # what a diverged phase lowers
+
+
+def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int, *, phase: str = "training",
+              epoch: int | None = None) -> tuple[float, float, float]:
     """One pass over `order` (indices into the pool), one optimiser step per batch.
 
     Each image gets G target IDs that share one encoder pass (the decoder reads the same patches G
     times). Returns the mean loss, the exact-match accuracy over all samples (any of the G targets),
-    and over the un-augmented ones.
+    and over the un-augmented ones. A step whose loss is not finite raises TrainingDiverged, its line
+    naming `phase` and `epoch` (the caller's words for where it is), at once: nothing after it means anything.
     """
     model, device = trainer.model, trainer.device
     model.train()
@@ -174,7 +179,13 @@ def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int
         loss, hit = seq_loss(logits, y, trainer.smoothing)
         step(trainer, loss)
         hit = hit.view(B, G).any(dim=1).cpu()                               # (B,)
-        total_loss += loss.item() * B
+        value = loss.item()
+        if not math.isfinite(value):
+            where = f"the {phase} phase" + ("" if epoch is None else f" at epoch {epoch}")
+            flag = LR_FLAGS.get(phase, "--lr / --retrieval-lr")
+            raise TrainingDiverged(f"training diverged in {where}: the loss is {value}; lower the learning rate "
+                                   f"({flag})")
+        total_loss += value * B
         total_hit += int(hit.sum())
         seen += B
         clean_hit += int(hit[~views].sum())

@@ -1,8 +1,13 @@
-"""Plots of a run, drawn with Pillow alone: the training curves (paper Figures 1-3)."""
+"""Pictures of a run, drawn with Pillow alone: the training curves (paper Figures 1-3), and the sheet of what
+each model retrieved for a few test queries (retrievals.png)."""
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image, ImageDraw
 
+import metrics
+from support.run import Cell
+from support.sheet import Block, Line, Tile, draw_sheet
 from support.store import atomic_write
 
 
@@ -45,3 +50,31 @@ def draw_curves(curves: dict, path: str, title: str) -> None:
                 draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
             draw.text((box[2] - 60, box[1] + 5 + 12 * k), label, fill=colour)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def sheet_queries(n_test: int, n: int, seed: int) -> np.ndarray:
+    """Positions (sorted) of the `n` test queries a sheet shows, drawn with the run's seed."""
+    return np.sort(np.random.default_rng(seed).choice(n_test, size=min(n, n_test), replace=False))
+
+
+def draw_retrievals(cell: Cell, path: str, n: int) -> None:
+    """retrievals.png: `n` test queries, each with every model's top 10 (as `score_row` recorded them in
+    `cell.finished["rankings"]`), a thumbnail framed green when relevant and red when not, its ID beneath,
+    and the model's P@10 for that query at the line's left."""
+    rankings, split, imageset = cell.finished.get("rankings", {}), cell.split, cell.imageset
+    if not n or not rankings or not len(split.test):
+        return
+    relevants = cell.relevant(split.test)
+    idb_image = {id_str: imageset.images[i] for id_str, i in zip(cell.idb_ids, split.idb)}
+    blocks = []
+    for q in sheet_queries(len(split.test), n, cell.a.seed).tolist():
+        lines = []
+        for label, ranked in rankings.items():
+            top, relevant = ranked[q][:10], relevants[q]
+            tiles = [Tile(idb_image[i], f"ID {i}", i in relevant) for i in top]
+            lines.append(Line(f"{label}\nP@10 {metrics.precision_at_k(top, relevant, 10):.2f}", tiles))
+        name = imageset.class_names[imageset.primary[split.test[q]]]
+        blocks.append(Block(imageset.images[split.test[q]], f"test query {q} ({name})", lines))
+    sheet = draw_sheet(blocks, title=f"{cell.a.dataset} db {cell.db_size} ids {cell.ids} seed {cell.a.seed}: "
+                                     f"top 10 of each model, green = relevant")
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))

@@ -17,7 +17,7 @@ import torch
 import data
 import metrics
 from support.recipes import Recipe
-from support.sources import ImageSet
+from support.sources import ImageSet, printable
 from vitdsi import IDTrie
 
 RANK_DEPTH = 100  # longest ranked list we score: Recall@100 (paper §3.1)
@@ -26,6 +26,11 @@ IA_DEPTH = 5      # IA@1 and IA@5 (paper §3.2)
 
 class UsageError(Exception):
     """Bad command-line input; printed as one line, exit status 2."""
+
+
+class TrainingDiverged(UsageError):
+    """A training loss that is not finite (NaN or infinity): the run stops at once, one line, exit status 2,
+    instead of going on to write weights and metrics that mean nothing."""
 
 
 def set_seed(seed: int) -> None:
@@ -69,6 +74,12 @@ class Log:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed read or write (disk full, no permission, a read-only folder) and its fix."""
+    where = f" '{printable(str(e.filename))}'" if e.filename else ""
+    return f"cannot read or write{where}: {e.strerror or e}; free space, fix permissions or pass another --out"
 
 
 def fmt_seconds(s: float) -> str:
@@ -148,8 +159,11 @@ def training_pairs(cell: Cell) -> tuple[torch.Tensor, list[list[int]], int]:
 
 def score_row(cell: Cell, model_name: str, variant: str, rankings_db: list, rankings_q: list) -> dict:
     """One row of Table 1, every metric from metrics.py, for every model alike, on the same queries.
-    Test queries with no relevant IDB image are left out of the retrieval metrics; the row says how many."""
+    Test queries with no relevant IDB image are left out of the retrieval metrics; the row says how many.
+    The test rankings are kept for the run's sheet of retrieved images (retrievals.png)."""
     relevants = cell.relevant(cell.split.test)
+    label = model_name.replace("ViT ", "") + ("" if variant == "-" else f" {variant}")   # "DSI zero-shot"
+    cell.finished.setdefault("rankings", {})[label] = [list(r[:10]) for r in rankings_q]
     row = {"model": model_name, "variant": variant, "db_size": cell.db_size, "ids": cell.ids,
            "dataset": cell.a.dataset, "seed": cell.a.seed}
     row["IA@1"] = metrics.indexing_accuracy(rankings_db, cell.idb_ids, 1)

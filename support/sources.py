@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-DATASETS = ("synthetic", "synthetic-multilabel", "imagenet", "coco")
+DATASETS = ("synthetic", "synthetic-multilabel", "imagenet", "imagenette", "coco")   # imagenette: fetched once (support/download.py), then an ImageFolder
 DEFAULT_ASPECT_RANGE = (0.9, 1.1)  # paper §2.1: keep nearly square images only
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -51,6 +53,19 @@ class DataError(ValueError):
 
 class UnreadableImage(DataError):
     """A file PIL cannot open or decode (the loaders skip and count these; never fatal there)."""
+
+
+# Everything Pillow's decoders were seen to raise on one bad file (beyond OSError, its documented error): each
+# means "this file", never "this run", so the loaders skip it and count it.
+DECODER_ERRORS = (OSError, ValueError, SyntaxError, NotImplementedError, ArithmeticError, MemoryError,
+                  Image.DecompressionBombError, struct.error, EOFError, IndexError, TypeError, KeyError)
+
+
+def printable(path) -> str:
+    """A path as it can be printed inside one line: itself, or, when it holds a control character (a newline)
+    or bytes that are no text, its ascii() escape without the quotes."""
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 @dataclass
@@ -149,12 +164,17 @@ def read_image(path: str, image_size: int,
     The ratio is read from the header before any decoding, and JPEGs are decoded at the smallest
     DCT scale that still covers ``image_size`` (Image.draft), so rejected or large files cost little.
     Greyscale (8 or 16 bits), RGBA, palette and CMYK images become RGB (alpha is dropped). Raises
-    UnreadableImage (a DataError) for anything PIL cannot open or decode; the loaders count those as
-    skipped instead.
+    UnreadableImage (a DataError) for anything PIL cannot open or decode, and for anything but a regular
+    file (a FIFO or a device named *.jpg is never opened: reading one could wait forever); the loaders count
+    those as skipped instead.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError("not a regular file")
         with Image.open(path) as im:
             width, height = im.size
+            if min(width, height) < 1:
+                raise ValueError(f"its size is {width} x {height}")
             if aspect_range is not None and not aspect_ok(width, height, aspect_range):
                 return None
             scale = image_size / min(width, height)
@@ -165,8 +185,9 @@ def read_image(path: str, image_size: int,
                 rgb = sixteen_bit_grey_to_rgb(np.asarray(im))
             else:
                 rgb = np.asarray(im.convert("RGB"))  # also CMYK, greyscale, RGBA, 16-bit RGB (PIL reads it as 8-bit)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise UnreadableImage(f"cannot read image '{path}' ({error}); pass a readable image file") from None
+    except DECODER_ERRORS as error:
+        raise UnreadableImage(f"cannot read image '{printable(path)}' ({printable(error)}); "
+                              f"pass a readable image file") from None
     return center_crop_resize(rgb, image_size)  # the header ratio decided; draft() may round a pixel
 
 
@@ -377,7 +398,7 @@ def _visible(folder: str) -> list[str]:
 
 
 def _nothing_kept(where: str, skipped: int, filtered: int, aspect_range: Sequence[float]) -> DataError:
-    return DataError(f"no usable image in '{where}' ({filtered} outside aspect range {tuple(aspect_range)}, "
+    return DataError(f"no usable image in '{printable(where)}' ({filtered} outside aspect range {tuple(aspect_range)}, "
                      f"{skipped} unreadable); widen --aspect-range (e.g. 0.5 2.0) or check the files")
 
 
@@ -401,11 +422,11 @@ def load_imagefolder(root: str, image_size: int = 160, aspect_range: Sequence[fl
         folder = os.path.join(root, name)
         paths = [os.path.join(folder, file) for file in _visible(folder) if file.lower().endswith(IMAGE_EXTENSIONS)]
         if not paths:
-            raise DataError(f"class folder '{folder}' has no image files; add images ({' '.join(IMAGE_EXTENSIONS)}) "
-                            f"or remove the folder")
+            raise DataError(f"class folder '{printable(folder)}' has no image files; add images "
+                            f"({' '.join(IMAGE_EXTENSIONS)}) or remove the folder")
         decoded, kept, class_skipped, class_filtered = _decode_all(paths, image_size, aspect_range, limit_per_class)
         if not decoded:  # an empty class, as far as the run can tell
-            raise DataError(f"class folder '{folder}' has no usable image ({class_skipped} unreadable, "
+            raise DataError(f"class folder '{printable(folder)}' has no usable image ({class_skipped} unreadable, "
                             f"{class_filtered} outside aspect range {tuple(aspect_range)}); replace the files, "
                             f"remove the folder, or widen --aspect-range (e.g. 0.5 2.0)")
         images += decoded
@@ -418,11 +439,43 @@ def load_imagefolder(root: str, image_size: int = 160, aspect_range: Sequence[fl
                     refs, class_names, skipped=skipped, filtered=filtered)
 
 
+COCO_MAX_SIDE = 100_000  # pixels: a width, height or box beyond it, or one not finite, is a broken file, not a photo
+
+
+def _coco_number(value, field: str, problem: str, low: float = 0, high: float = COCO_MAX_SIDE) -> float:
+    """A number of the COCO file that `problem` names, finite and in [low, high]; else a DataError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise DataError(f"{problem} has an entry whose {field} is {ascii(value)[:40]}, not a number from {low:g} "
+                        f"to {high:g}; pass the official COCO instances_<split>.json")
+    return value
+
+
+def _coco_image(im: dict, problem: str) -> tuple[int, str, int, int]:
+    """(id, file name, width, height) of an 'images' entry; width and height 0 when absent (unknown)."""
+    image_id, file_name = int(im["id"]), str(im["file_name"])
+    width, height = (int(_coco_number(im.get(field, 0), field, problem)) for field in ("width", "height"))
+    return image_id, file_name, width, height
+
+
+def _coco_annotation(a: dict, problem: str) -> tuple[int, int, float]:
+    """(image id, category id, area) of an 'annotations' entry; area 0 when absent. Its bbox, unused, is
+    checked all the same: a box that is not four finite numbers says the file is broken."""
+    image_id, category = int(a["image_id"]), int(a["category_id"])
+    box = a.get("bbox", [])
+    if not isinstance(box, list) or len(box) not in (0, 4):
+        raise DataError(f"{problem} has an entry whose bbox is {ascii(box)[:40]}, not [x, y, width, height]; "
+                        f"pass the official COCO instances_<split>.json")
+    for value in box:
+        _coco_number(value, "bbox value", problem, low=-COCO_MAX_SIDE)
+    return image_id, category, float(_coco_number(a.get("area", 0.0), "area", problem, high=COCO_MAX_SIDE ** 2))
+
+
 def _read_coco_json(path: str) -> dict:
     """Parse an official COCO instances file, turning every way it can be wrong into a DataError."""
     if not path or not os.path.isfile(path):
-        raise DataError(f"COCO annotations file '{path}' not found; pass --coco-annotations instances_<split>.json")
-    problem, fix = f"COCO annotations file '{path}'", "pass the official COCO instances_<split>.json"
+        raise DataError(f"COCO annotations file '{printable(path)}' not found; "
+                        f"pass --coco-annotations instances_<split>.json")
+    problem, fix = f"COCO annotations file '{printable(path)}'", "pass the official COCO instances_<split>.json"
     try:
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
@@ -432,14 +485,14 @@ def _read_coco_json(path: str) -> dict:
         raise DataError(f"{problem} holds a JSON {type(content).__name__}, not an object with 'images', "
                         f"'annotations' and 'categories'; {fix}")
     try:
-        images = [(int(im["id"]), str(im["file_name"]), int(im.get("width", 0)), int(im.get("height", 0)))
-                  for im in content["images"]]
-        annotations = [(int(a["image_id"]), int(a["category_id"]), float(a.get("area", 0.0)))
-                       for a in content["annotations"]]
+        images = [_coco_image(im, problem) for im in content["images"]]
+        annotations = [_coco_annotation(a, problem) for a in content["annotations"]]
         categories = {int(c["id"]): str(c["name"]) for c in content["categories"]}
+    except DataError:
+        raise
     except KeyError as error:
         raise DataError(f"{problem} lacks the field {error}; {fix}") from None
-    except (TypeError, ValueError, AttributeError) as error:
+    except (TypeError, ValueError, AttributeError, OverflowError) as error:
         raise DataError(f"{problem} has malformed entries ({error}); {fix}") from None
     unknown = {category for _, category, _ in annotations} - categories.keys()
     if unknown:

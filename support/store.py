@@ -18,7 +18,9 @@ from typing import IO
 import torch
 
 import data
+from support import cli
 from support.run import Cell, UsageError
+from support.sources import printable
 from vitdsi import ViTDSI, ViTDSIConfig
 
 def atomic_write(path: str, write: Callable[[IO], None], text: bool = False) -> None:
@@ -123,44 +125,59 @@ def upgrade_weights(weights: dict, version: int) -> dict:
     return {renamed(k): v for k, v in weights.items()}
 
 
+def checked_config(shown: str, config, retrain: str) -> ViTDSIConfig:
+    """The model config of the checkpoint `shown`, once it has this version's fields and passes the rules of the
+    flags that made it (support/cli.py: types, ranges, relations, bounds that keep a crafted file from allocating
+    without limit); anything else is a UsageError naming the field and ending in `retrain`."""
+    config = config if isinstance(config, dict) else {}
+    differ = sorted(map(str, set(config) ^ {f.name for f in fields(ViTDSIConfig)}))   # fields on one side only
+    if differ:
+        raise UsageError(f"'{shown}' has a model config that differs from this version's in the field "
+                         f"'{printable(differ[0])}'; {retrain}")
+    problem = cli.config_problem(config)
+    if problem is None:
+        try:
+            return ViTDSIConfig(**config)
+        except (ValueError, TypeError) as e:      # a check of ViTDSIConfig's that the rules lack
+            problem = str(e)
+    raise UsageError(f"'{shown}' has an invalid model config: its {printable(problem)}; {retrain}")
+
+
 def load_checkpoint(path: str) -> tuple[ViTDSI, dict]:
     """Rebuild the model from a checkpoint.pt; any file that is not one of this version is a UsageError.
 
     weights_only=True: the unpickler builds tensors and plain containers only, so a crafted file that
     would run code when unpickled is refused before any of it runs."""
+    retrain, shown = "pass a checkpoint.pt written by this version of train.py, or retrain", printable(path)
     if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' not found: pass the checkpoint.pt written by a training run")
-    retrain = "pass a checkpoint.pt written by this version of train.py, or retrain"
+        raise UsageError(f"checkpoint '{shown}' not found: pass the checkpoint.pt written by a training run")
     ckpt = load_versioned(path, "checkpoint", CHECKPOINT_VERSION, retrain,
                           unversioned=", or one older than versioned checkpoints", readable=READABLE_VERSIONS)
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     if missing:
-        raise UsageError(f"'{path}' lacks the checkpoint field '{missing[0]}'; {retrain}")
-    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-    differ = sorted(map(str, set(config) ^ {f.name for f in fields(ViTDSIConfig)}))   # fields on one side only
-    if differ:
-        raise UsageError(f"'{path}' has a model config that differs from this version's in the field "
-                         f"'{differ[0]}'; {retrain}")
-    try:
-        model = ViTDSI(ViTDSIConfig(**config))
-    except (ValueError, TypeError, AssertionError) as e:
-        raise UsageError(f"'{path}' holds an invalid model config ({e}); {retrain}") from None
+        raise UsageError(f"'{shown}' lacks the checkpoint field '{missing[0]}'; {retrain}")
+    config = checked_config(shown, ckpt["config"], retrain)
     if isinstance(ckpt["model"], dict):
         ckpt["model"] = upgrade_weights(ckpt["model"], ckpt["format_version"])
         ckpt["format_version"] = CHECKPOINT_VERSION
-    mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
+    with torch.device("meta"):          # shapes only, no memory: the weights must fit before any is allocated
+        mismatch = state_dict_mismatch(ViTDSI(config).state_dict(), ckpt["model"])
     if mismatch:
-        raise UsageError(f"'{path}' does not fit its own model config: {mismatch}; {retrain}")
+        raise UsageError(f"'{shown}' does not fit its own model config: {mismatch}; {retrain}")
+    model = ViTDSI(config)
     ids, refs, classes = ckpt["ids"], ckpt["idb_refs"], ckpt["idb_classes"]
     if not (isinstance(ids, list) and isinstance(refs, list) and isinstance(classes, list)
             and 0 < len(ids) == len(refs) == len(classes) == len(set(ids))
             and all(isinstance(i, str) and i.isdigit() for i in ids)):
-        raise UsageError(f"'{path}' has a broken ID map (ids, idb_refs and idb_classes must be equally long "
+        raise UsageError(f"'{shown}' has a broken ID map (ids, idb_refs and idb_classes must be equally long "
                          f"lists, the ids distinct digit strings); {retrain}")
+    if max(map(len, ids)) + 2 > config.max_len:     # BOS, digits, EOS
+        raise UsageError(f"'{shown}' has {max(map(len, ids))}-digit IDs, longer than its model config's "
+                         f"max_len {config.max_len} lets the decoder write; {retrain}")
     removed = ckpt["removed"]
     if not (isinstance(removed, list) and all(isinstance(i, str) for i in removed) and set(removed) < set(ids)
             and isinstance(ckpt["args"], dict)):
-        raise UsageError(f"'{path}' has a broken list of removed IDs (it must name some, not all, of its IDs) "
+        raise UsageError(f"'{shown}' has a broken list of removed IDs (it must name some, not all, of its IDs) "
                          f"or run arguments; {retrain}")
     model.load_state_dict(ckpt["model"])
     model.eval()

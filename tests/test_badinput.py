@@ -8,6 +8,9 @@ import json
 import os
 import pickle
 import re
+import struct
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pytest
@@ -16,7 +19,8 @@ from PIL import Image
 
 import data
 import train
-from support import cli, engine, recipes, sources, store
+from support import cli, engine, recipes, run, sources, store
+from vitdsi import ViTDSIConfig
 
 TINY_MODEL = ["--image-size", "32", "--patch-size", "8", "--dim", "16", "--mlp-dim", "32", "--depth", "1",
               "--heads", "2"]
@@ -86,10 +90,11 @@ def test_checkpoint_is_plain_data_and_answers_queries(tmp_path, capsys):
     assert ckpt["format_version"] == store.CHECKPOINT_VERSION and ckpt["ids"] == IDS
     query = save_png(tmp_path / "q.png", np.full((50, 70, 3), 90, np.uint8))   # any aspect ratio is fine
     capsys.readouterr()
-    assert train.main(["--checkpoint", path, "--query", query, "--top-k", "2"]) == 0
+    assert train.main(["--checkpoint", path, "--query", query, "--top-k", "2", "--sheet", str(tmp_path / "s.png")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("q.png:") and len(lines) == 3      # the query, then 2 distinct IDB IDs
-    assert "--top-k must be at least 1" in fails(["--checkpoint", path, "--query", query, "--top-k", "0"], capsys)
+    assert lines[0].endswith("q.png:") and lines[1].startswith("    1. ID ") and lines[2].startswith("    2. ID ")
+    assert lines[3].startswith("note:") and lines[4].startswith("sheet:")   # the tiny index's images are not on disk
+    assert "--top-k 0 must be at least 1" in fails(["--checkpoint", path, "--query", query, "--top-k", "0"], capsys)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
     assert "cannot decode" in fails(["--checkpoint", path, "--query", str(not_an_image)], capsys)
@@ -137,9 +142,9 @@ def test_a_format_2_checkpoint_loads_with_its_encoder_under_todays_names(tmp_pat
     answers = []
     for p in (path, str(tmp_path / "v2.pt")):
         capsys.readouterr()
-        assert train.main(["--checkpoint", p, "--query", query, "--top-k", "3"]) == 0
-        answers.append(capsys.readouterr().out.splitlines()[1:])
-    assert answers[0] == answers[1] and len(answers[0]) == 3
+        assert train.main(["--checkpoint", p, "--query", query, "--top-k", "3", "--sheet", str(tmp_path / "s.png")]) == 0
+        answers.append(capsys.readouterr().out.splitlines()[1:4])
+    assert answers[0] == answers[1] and all(" ID " in line for line in answers[0])
 
 
 # ---------------------------------------------------------------- outputs are written whole or not at all
@@ -276,3 +281,192 @@ def test_a_flag_argparse_rejects_exits_2_with_one_line(capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
         assert argv[0] in err and "--help" in err
+
+
+
+# ---------------------------------------------------------------- every number, and faults: one table of cases
+
+TINY_RUN = ["--db-size", "64", "--image-size", "32", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
+            "--depth", "1", "--heads", "2", "--bovw-k", "16", "--index-epochs", "3", "--retrieval-epochs", "1",
+            "--threads", "1"]
+
+
+def flags(*extra: str) -> Callable:
+    """A training run on TINY_RUN with `extra` flags on top (a flag given twice: the last counts)."""
+    return lambda tmp_path: TINY_RUN + list(extra)
+
+
+def checkpoint_with(*extra: str, **config) -> Callable:
+    """--checkpoint C --query an image, then `extra` (which may ask for --add instead); C is an untrained tiny
+    checkpoint whose model config `config` changes."""
+    def argv(tmp_path):
+        path = tiny_checkpoint(tmp_path / "c.pt")
+        if config:
+            ckpt = torch.load(path, weights_only=True)
+            torch.save({**ckpt, "config": {**ckpt["config"], **config}}, path)
+        query = save_png(tmp_path / "q.png", np.zeros((32, 32, 3), np.uint8))
+        return ["--checkpoint", path, *([] if "--add" in extra else ["--query", query]), *extra]
+    return argv
+
+
+def coco_with(content: str) -> Callable:
+    return lambda tmp_path: write_coco(tmp_path, content)
+
+
+COCO = ('{{"images": [{{"id": 1, "file_name": "a.png", "width": {width}, "height": 40}}], '
+        '"annotations": [{{"image_id": 1, "category_id": 1, "area": {area}, "bbox": [0, 0, {box}, 10]}}], '
+        '"categories": [{{"id": 1, "name": "cat"}}]}}')
+
+
+def class_folder_of(name: str, make: Callable) -> Callable:
+    """An ImageFolder run whose class folder `name` holds one file, made by make(path)."""
+    def argv(tmp_path):
+        root = imagefolder(tmp_path)
+        os.mkdir(os.path.join(root, name))
+        make(os.path.join(root, name, "x.jpg"))
+        return run_on(root)
+    return argv
+
+
+def corrupt(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\x00 not an image")
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable          # tmp_path -> the command line, without --out
+    says: str | re.Pattern  # what the one line must say
+    late: bool = False      # found once the run has begun: its train.log is written, nothing else
+
+
+BAD_INPUT = [
+    # every flag, before any work (support/cli.py RULES and RELATIONS)
+    Case("heads-0", flags("--heads", "0"), "--heads 0 must be at least 1 (e.g. --heads 4)"),
+    Case("dim-odd", flags("--dim", "33", "--heads", "3"), "--dim 33 must be even"),
+    Case("dim-not-divisible", flags("--dim", "30", "--heads", "4"), "--dim 30 must be divisible by --heads 4"),
+    Case("threads-negative", flags("--threads", "-1"), "--threads -1 must be 0 or more"),
+    Case("seed-beyond-32-bits", flags("--seed", "4294967296"), "--seed 4294967296 must be at most 4294967295"),
+    Case("seed-negative", flags("--seed", "-1"), "--seed -1 must be 0 or more"),
+    Case("lr-inf", flags("--lr", "inf", "--retrieval-lr", "inf"), "--lr inf must be a finite number"),
+    Case("lr-nan", flags("--lr", "nan"), "--lr nan must be a finite number"),
+    Case("retrieval-lr-overflows", flags("--retrieval-lr", "1e38"), "--retrieval-lr 1e+38 must be at most 1e30"),
+    Case("index-mix-nan", flags("--index-mix", "nan"), "--index-mix nan must be a finite number"),
+    Case("aspect-reversed", flags("--aspect-range", "2", "1"), "--aspect-range 2.0 1.0 must be two numbers, MIN <="),
+    Case("aspect-zero", flags("--aspect-range", "0", "1"), "--aspect-range 0.0 1.0 each must be more than 0"),
+    Case("dropout-nan", flags("--dropout", "nan"), "--dropout nan must be a finite number"),
+    Case("index-target-acc-0", flags("--index-target-acc", "0"), "--index-target-acc 0.0 must be more than 0"),
+    Case("bovw-k-0", flags("--bovw-k", "0"), "--bovw-k 0 must be at least 1"),
+    Case("db-size-0", flags("--db-size", "0"), "--db-size 0 must be at least 1"),
+    Case("beam-0", flags("--beam", "0"), "--beam 0 must be at least 1"),
+    Case("label-smoothing-1", flags("--label-smoothing", "1"), "--label-smoothing 1.0 must be less than 1"),
+    Case("lr-floor-2", flags("--lr-floor", "2"), "--lr-floor 2.0 must be at most 1"),
+    Case("batch-size-0", flags("--batch-size", "0"), "--batch-size 0 must be at least 1"),
+    Case("warmup-negative", flags("--warmup-epochs", "-1"), "--warmup-epochs -1.0 must be 0 or more"),
+    Case("index-fraction-1", flags("--index-fraction", "1"), "--index-fraction 1.0 must be less than 1"),
+    Case("save-every-negative", flags("--save-every", "-1"), "--save-every -1 must be 0 or more"),
+    Case("sweep-size-0", flags("--sweep", "--sweep-sizes", "64", "0"), "--sweep-sizes 64 0 each must be at least 1"),
+    Case("depth-65", flags("--depth", "65"), "--depth 65 must be at most 64"),
+    Case("image-not-divisible", flags("--image-size", "40"), "--image-size 40 must be divisible by --patch-size 16"),
+    Case("too-many-patches", flags("--image-size", "4096", "--patch-size", "8"), "must give at most 64 patches a side"),
+    # the --checkpoint modes' flags
+    Case("top-k-0", checkpoint_with("--top-k", "0"), "--top-k 0 must be at least 1"),
+    Case("beam-0-query", checkpoint_with("--beam", "0"), "--beam 0 must be at least 1"),
+    Case("replay-min-2", checkpoint_with("--add", "a.png", "--replay-min", "2"), "--replay-min 2.0 must be at most 1"),
+    Case("add-lr-0", checkpoint_with("--add", "a.png", "--add-lr", "0"), "--add-lr 0.0 must be more than 0"),
+    # a checkpoint's model config, before any of the model is allocated
+    Case("config-max-len-huge", checkpoint_with(max_len=10 ** 6), "its max_len 1000000 must be at most 64"),
+    Case("config-heads-0", checkpoint_with(heads=0), "its heads 0 must be at least 1"),
+    Case("config-dim-string", checkpoint_with(dim="x"), "its dim 'x' must be a whole number"),
+    Case("config-depth-bool", checkpoint_with(depth=True), "its depth True must be a whole number"),
+    Case("config-dim-odd", checkpoint_with(dim=16, heads=3), "its dim 16 must be divisible by heads 3"),
+    Case("config-dropout-nan", checkpoint_with(dropout=float("nan")), "its dropout nan must be a finite number"),
+    Case("config-pos-encoding", checkpoint_with(pos_encoding="rope"), "its pos_encoding 'rope' must be one of"),
+    Case("config-huge-weights-small", checkpoint_with(depth=64, dim=4096, mlp_dim=65536),
+         "does not fit its own model config"),
+    Case("config-ids-too-long", checkpoint_with(max_len=3), "2-digit IDs, longer than its model config's max_len 3"),
+    # data: COCO numbers, odd files, odd names
+    Case("coco-width-1e400", coco_with(COCO.format(width="1e400", area=10, box=10)),
+         "instances.json' has an entry whose width is inf, not a number from 0 to 100000", late=True),
+    Case("coco-area-nan", coco_with(COCO.format(width=40, area="NaN", box=10)), "whose area is nan", late=True),
+    Case("coco-bbox-inf", coco_with(COCO.format(width=40, area=10, box="Infinity")), "whose bbox value is inf",
+         late=True),
+    Case("fifo-named-jpg", class_folder_of("c", os.mkfifo), "c' has no usable image (1 unreadable", late=True),
+    Case("newline-in-a-folder-name", class_folder_of("new\nline", corrupt), "new\\nline' has no usable image",
+         late=True),
+    # divergence: a loss that is not finite stops the run (engine.run_epoch -> run.TrainingDiverged)
+    Case("lr-diverges", flags("--models", "dsi", "--lr", "1e30", "--retrieval-lr", "1e30"),
+         re.compile(r"^error: training diverged in the \w+ phase( at epoch \d+)?: the loss is nan; "
+                    r"lower the learning rate \(--lr\)$"), late=True),
+]
+
+
+def files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=lambda case: case.name)
+def test_bad_input_is_one_line_and_leaves_out_as_it_was(case, tmp_path, capsys):
+    """Exit 2, one line `error: ...` saying what is wrong and how to fix it, no traceback; an --out that holds
+    an earlier run's files keeps them byte for byte (a run stopped once begun adds its train.log, no more)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_bytes(b'{"rows": ["an earlier run"]}')
+    before = files(out)
+    err = fails(case.argv(tmp_path) + ["--out", str(out), "--overwrite"], capsys).rstrip("\n")   # past that check
+    assert case.says.search(err) if isinstance(case.says, re.Pattern) else case.says in err, err
+    after = files(out)
+    assert {name: after.get(name) for name in before} == before
+    assert set(after) - set(before) == ({"train.log"} if case.late else set())
+
+
+def test_every_number_flag_has_its_rule():
+    """The table is the documentation: each flag that takes a number (and each model config field) has a rule."""
+    numeric = {action.dest for action in cli.build_parser()._actions if action.type in (int, float)}
+    ruled = {rule.name for rule in cli.RULES}
+    assert numeric <= ruled, numeric - ruled
+    assert {f.name for f in fields(ViTDSIConfig)} <= ruled
+    assert cli.config_problem(asdict(ViTDSIConfig())) is None                  # the defaults pass
+    for recipe in recipes.RECIPES.values():                                    # and so does every named recipe
+        assert cli.first_problem(asdict(recipe), cli.TRAINING, cli.flag_and_value) is None
+
+
+def test_divergence_names_the_phase_and_the_epoch():
+    torch.manual_seed(0)
+    model = train.ViTDSI(ViTDSIConfig(image_size=32, patch_size=16, dim=16, mlp_dim=32, depth=1, heads=2, max_len=4))
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))                                   # every logit NaN: so is the loss
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = engine.Trainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                             torch.device("cpu"))
+    ids = data.ids_to_tensor(["01", "20", "11"])
+    pool = engine.Pool(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), lambda idx: ids[idx].unsqueeze(1),
+                       torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(run.TrainingDiverged, match=r"^training diverged in the indexing phase at epoch 7: the loss "
+                                                   r"is nan; lower the learning rate \(--lr\)$"):
+        engine.run_epoch(trainer, pool, torch.arange(3), 3, phase="indexing", epoch=7)
+    assert issubclass(run.TrainingDiverged, run.UsageError)                   # train.main's exit 2, one line
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack"), IndexError("tile"), TypeError("mode"), EOFError(),
+                                   NotImplementedError("codec"), OverflowError("size"), MemoryError(),
+                                   Image.DecompressionBombError("pixels"), SyntaxError("header")])
+def test_any_decoder_error_skips_the_file(error, tmp_path, monkeypatch):
+    path = save_png(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    def broken(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(sources.Image, "open", broken)
+    with pytest.raises(sources.UnreadableImage, match="cannot read image"):
+        sources.read_image(path, 8)
+
+
+def test_only_regular_files_are_read_and_names_print_on_one_line(tmp_path):
+    root = imagefolder(tmp_path)
+    os.mkfifo(os.path.join(root, "a", "fifo.jpg"))          # opening it would wait for a writer, for ever
+    imageset = sources.load_imagefolder(root, 32)
+    assert imageset.skipped == 1 and len(imageset) == 6
+    assert sources.printable("plain/café.jpg") == "plain/café.jpg"
+    assert sources.printable("a\nb.jpg") == "a\\nb.jpg"
+    assert sources.printable(os.fsdecode(b"bad\xff.jpg")) == "bad\\udcff.jpg"
+    assert "\n" not in str(sources.UnreadableImage(sources.printable("x\ny")))

@@ -145,9 +145,11 @@ def test_bad_growth_input_exits_2_with_one_line(base, capsys, tmp_path):
     root, ckpt, loose = base
     source = str(root / "base" / "checkpoint.pt")
     assert "not found" in fails(["--checkpoint", source, "--add", str(tmp_path / "none.png")], capsys)
-    for flag, value in (("--settle", "-1"), ("--replay", "-2"), ("--replay-min", "1.5"), ("--add-epochs", "0"),
-                        ("--add-frozen", "-1")):
-        assert "must be 0 or more" in fails(["--checkpoint", source, "--add", loose[0], flag, value], capsys)
+    for flag, value, says in (("--settle", "-1", "must be 0 or more"), ("--replay", "-2", "must be 0 or more"),
+                              ("--replay-min", "1.5", "must be at most 1"), ("--add-epochs", "0", "must be at least 1"),
+                              ("--add-frozen", "-1", "must be 0 or more")):
+        err = fails(["--checkpoint", source, "--add", loose[0], flag, value], capsys)
+        assert err.startswith(f"error: {flag} ") and says in err
     assert "pass 0 to 1, the model's number of encoder blocks" in fails(["--checkpoint", source, "--add", loose[0],
                                                                          "--add-frozen", "2"], capsys)
     assert "not in the index" in fails(["--checkpoint", source, "--remove", "999", "--out", str(tmp_path)], capsys)

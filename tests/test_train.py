@@ -82,11 +82,13 @@ def test_query_mode_finds_a_database_image(tiny_run, tmp_path, capsys):
     path = tmp_path / "query.png"
     Image.fromarray(imageset.images[index]).save(path)
     capsys.readouterr()
-    assert train.main(["--checkpoint", str(tiny_run / "checkpoint.pt"), "--query", str(path), "--top-k", "3"]) == 0
+    sheet = tmp_path / "answers.png"
+    assert train.main(["--checkpoint", str(tiny_run / "checkpoint.pt"), "--query", str(path), "--top-k", "3",
+                       "--sheet", str(sheet)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("query.png:")
     assert f"ID {ckpt['ids'][3]} " in lines[1] and lines[1].endswith(ref)
-    assert len(lines) == 4
+    assert len(lines) == 5 and lines[4] == f"sheet: {sheet}" and sheet.is_file()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -235,3 +237,88 @@ def test_index_whole_is_ia_at_1_of_the_idb_against_the_floor(monkeypatch):
     assert train.index_whole(cell, None, 0.75) == (True, 0.75)          # at the floor counts as whole
     assert train.index_whole(cell, None, 0.76) == (False, 0.75)
     assert seen == [(4, run.IA_DEPTH)] * 2                            # the IDB's images, searched as evaluate does
+
+
+# ---------------------------------------------------------------- the retrieval sheet, and the output folder
+
+def test_the_run_draws_its_retrieval_sheet(tiny_run):
+    """retrievals.png: one block per drawn test query, a line per model (BoVW, DSI zero-shot and fine-tuned, DE)."""
+    from support import sheet
+    args = json.loads((tiny_run / "results.json").read_text())["args"]
+    n_test = json.loads((tiny_run / "results.json").read_text())["rows"][0]["test_queries"]
+    n_blocks = min(args["sheet_queries"], n_test)
+    fake = [sheet.Block(np.zeros((8, 8, 3), np.uint8), "", [sheet.Line("", [])] * 4)] * n_blocks
+    expected = sheet.layout_sheet(fake, title="x")
+    assert Image.open(tiny_run / "retrievals.png").size == (expected.width, expected.height)
+
+
+def test_sheet_frames_say_what_the_rankings_say(tmp_path):
+    """A tile is framed green exactly where its ID is relevant to the query, red where not."""
+    from support import plots, sheet
+    imageset = sources.make_synthetic(40, image_size=32, seed=1)
+    split = data.split_dataset(imageset, 40, seed=1)
+    ids = data.assign_ids(imageset.primary[split.idb], "clustered")
+    relevant = data.relevant_sets([imageset.labels[i] for i in split.test], [imageset.labels[i] for i in split.idb], ids)
+    rankings = {"BoVW": [ids[:10] for _ in split.test], "DSI fine-tuned": [ids[::-1][:10] for _ in split.test]}
+    cell = types.SimpleNamespace(
+        finished={"rankings": rankings}, split=split, imageset=imageset, idb_ids=ids, db_size=40, ids="clustered",
+        a=types.SimpleNamespace(seed=1, dataset="synthetic"),
+        relevant=lambda positions: data.relevant_sets([imageset.labels[i] for i in positions],
+                                                      [imageset.labels[i] for i in split.idb], ids))
+    path = str(tmp_path / "retrievals.png")
+    plots.draw_retrievals(cell, path, 2)
+    image = Image.open(path).convert("RGB")
+    queries = plots.sheet_queries(len(split.test), 2, 1)
+    layout = sheet.layout_sheet([sheet.Block(np.zeros((8, 8, 3), np.uint8), "", [sheet.Line("", [])] * 2)] * 2,
+                                title="t")
+    colours = set()
+    for b, q in enumerate(queries):
+        for line, ranked in enumerate(rankings.values()):
+            for rank, id_str in enumerate(ranked[q]):
+                left, top, _, _ = layout.tile_box(b, line, rank)
+                want = sheet.GREEN if id_str in relevant[q] else sheet.RED
+                assert image.getpixel((left + 1, top + 1)) == want
+                colours.add(want)
+    assert colours == {sheet.GREEN, sheet.RED}       # both kinds were checked
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite_and_never_mixed(tiny_run, tmp_path, capsys):
+    out = tmp_path / "again"
+    args = TINY + ["--index-epochs", "3", "--models", "dsi", "--out", str(out)]
+    assert train.main(args) == 0 and (out / "retrievals.png").exists()
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert train.main(args) == 2
+    assert "holds a finished run" in capsys.readouterr().err and (out / "results.json").read_bytes() == before
+    assert train.main(args + ["--overwrite", "--sheet-queries", "0"]) == 0
+    assert not (out / "retrievals.png").exists()          # the old run's sheet is not left beside the new run
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]    # no staging folder, no lock left
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))          # a live process holds it
+    assert train.main(TINY + ["--out", str(out)]) == 2
+    assert "another run" in capsys.readouterr().err and set(os.listdir(out)) == {".lock"}
+    (out / ".lock").write_text("999999999")                # a process that is gone: its lock is taken over
+    assert train.main(TINY + ["--index-epochs", "2", "--models", "bovw", "--out", str(out)]) == 0
+    assert not (out / ".lock").exists()
+
+
+def test_imagenette_runs_from_its_cache_without_network(tmp_path):
+    """--dataset imagenette reads DATA_ROOT/imagenette2-160/train once it is there (the download is tested in
+    test_download.py); no network is touched: the URL is never opened when the cache is complete."""
+    train_dir = tmp_path / "cache" / "imagenette2-160" / "train"
+    for c in range(2):
+        (train_dir / f"n0{c}").mkdir(parents=True)
+        for k in range(16):
+            Image.fromarray(np.full((40, 40, 3), 60 * c + 3 * k, np.uint8)).save(train_dir / f"n0{c}" / f"{k}.JPEG")
+    (tmp_path / "cache" / "imagenette2-160" / ".complete").write_text("")
+    out = tmp_path / "out"
+    assert train.main(["--dataset", "imagenette", "--data-root", str(tmp_path / "cache"), "--db-size", "32",
+                       "--image-size", "32", "--patch-size", "16", "--dim", "16", "--mlp-dim", "32", "--depth", "1",
+                       "--heads", "2", "--bovw-k", "8", "--index-epochs", "2", "--retrieval-epochs", "1",
+                       "--models", "dsi", "--quiet", "--threads", "1", "--out", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(str(train_dir) in ref for ref in ckpt["idb_refs"])
