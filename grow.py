@@ -339,6 +339,9 @@ def decoded_ids(model: ViTDSI, ckpt: dict, additions: Additions, new_images: tor
         ranked, _ = engine.rank_dsi(model, new_images[torch.as_tensor(decode)], IDTrie(store.live_ids(ckpt)), 1,
                                    s.beam, device)
         for j, hyps in zip(decode, ranked):
+            if not hyps:   # every score -inf or NaN: a model that writes no ID at all
+                raise UsageError(f"the checkpoint's model decodes no ID for '{sources.printable(additions.refs[j])}'"
+                                 f" (broken weights?); pass a checkpoint of a run that trained well, or retrain")
             nearest[j] = hyps[0]
     return new_ids(ckpt, additions.classes, nearest)
 

@@ -7,6 +7,8 @@ to the metrics an uninterrupted run gives. Nothing else in the training code kno
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -96,7 +98,14 @@ def save_resume_state(cell: Cell, phase: str, trainer: Trainer, progress: dict,
         "optimizer": clone_state(trainer.optimizer.state_dict(), "cpu"),
         "scheduler": clone_state(trainer.scheduler.state_dict()), "rng": rng_states(cell, trainer, rng),
         "early_stopping": record, "curves": {k: list(v) for k, v in cell.curves.items()},
-        "finished": dict(cell.finished)})
+        "finished": dict(cell.finished), "fingerprint": fingerprint(cell)})
+
+
+def fingerprint(cell: Cell) -> str:
+    """What a resumed run must find again: the references of the IDB and of every query split, and the IDs."""
+    parts = [[cell.imageset.refs[i] for i in part] for part in (cell.split.idb, cell.split.train, cell.split.val,
+                                                                  cell.split.test)]
+    return hashlib.sha256(json.dumps([parts, list(cell.idb_ids)]).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def resume_phase(cell: Cell, phase: str, trainer: Trainer, progress: dict,
@@ -108,6 +117,9 @@ def resume_phase(cell: Cell, phase: str, trainer: Trainer, progress: dict,
     if state is None or state["phase"] != phase:
         return progress
     again = "start the run again without --resume"
+    if state["fingerprint"] != fingerprint(cell):
+        raise UsageError(f"the images or the split of this run differ from those the interrupted run began with "
+                         f"(files moved, added or changed under --data-root?); restore them, or {again}")
     mismatch = state_dict_mismatch(trainer.model.state_dict(), state["model"])
     if mismatch:
         raise UsageError(f"the resume state does not fit its own arguments: {mismatch}; {again}")
@@ -139,7 +151,7 @@ def load_resume_state(out: str) -> dict:
     state = load_versioned(path, "resume state", RESUME_VERSION, again,
                            version_fix=f"finish the run with the train.py that began it, or {again}")
     expected = {"args", "phase", "progress", "model", "optimizer", "scheduler", "rng", "early_stopping",
-                "curves", "finished"}
+                "curves", "finished", "fingerprint"}
     missing = sorted(expected - set(state))
     if missing or state["phase"] not in ("index", "retrieval"):
         raise UsageError(f"'{path}' is a broken resume state (" + (f"no '{missing[0]}'" if missing else

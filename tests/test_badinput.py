@@ -339,6 +339,17 @@ class Case:
     argv: Callable          # tmp_path -> the command line, without --out
     says: str | re.Pattern  # what the one line must say
     late: bool = False      # found once the run has begun: its train.log is written, nothing else
+    overwrite: bool = True  # pass --overwrite, so that the run gets past the finished run in --out
+
+
+def locked(tmp_path):
+    """A training run into an --out that a live process (this test's parent) holds locked."""
+    (tmp_path / "out" / ".lock").write_text(str(os.getppid()))
+    return TINY_RUN
+
+
+def imagefolder_run(*extra: str) -> Callable:
+    return lambda tmp_path: run_on(imagefolder(tmp_path), *extra)
 
 
 BAD_INPUT = [
@@ -396,6 +407,14 @@ BAD_INPUT = [
     Case("newline-in-a-folder-name", class_folder_of("new\nline", corrupt), "new\\nline' has no usable image",
          late=True),
     # divergence: a loss that is not finite stops the run (engine.run_epoch -> run.TrainingDiverged)
+    # the output folder: a finished run is replaced only with --overwrite; one run at a time
+    Case("finished-run-without-overwrite", flags(), "holds a finished run (results.json); pass --overwrite",
+         overwrite=False),
+    Case("out-locked", locked, "another run (process"),
+    # flags that belong to another mode; seeds of an ImageFolder run
+    Case("sheet-without-query", flags("--sheet", "x.png"), "--sheet works with --query"),
+    Case("explain-without-query", flags("--explain"), "--explain works with --query"),
+    Case("imagefolder-seed-negative", imagefolder_run("--seed", "-1"), "--seed -1 must be 0 or more"),
     Case("lr-diverges", flags("--models", "dsi", "--lr", "1e30", "--retrieval-lr", "1e30"),
          re.compile(r"^error: training diverged in the \w+ phase( at epoch \d+)?: the loss is nan; "
                     r"lower the learning rate \(--lr\)$"), late=True),
@@ -413,8 +432,9 @@ def test_bad_input_is_one_line_and_leaves_out_as_it_was(case, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_bytes(b'{"rows": ["an earlier run"]}')
+    argv = case.argv(tmp_path) + ["--out", str(out)] + (["--overwrite"] if case.overwrite else [])
     before = files(out)
-    err = fails(case.argv(tmp_path) + ["--out", str(out), "--overwrite"], capsys).rstrip("\n")   # past that check
+    err = fails(argv, capsys).rstrip("\n")
     assert case.says.search(err) if isinstance(case.says, re.Pattern) else case.says in err, err
     after = files(out)
     assert {name: after.get(name) for name in before} == before

@@ -265,3 +265,13 @@ def test_the_beam_search_check_runs_only_once_the_teacher_forced_gate_passes(mon
     # new IDs are learnt; settling over 2 x 1 steps, epoch 3 ends half way down: 0.05 + 0.95 / 2 of the lr.
     halfway = grow.SETTLE_FLOOR + (1 - grow.SETTLE_FLOOR) / 2
     assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3 * halfway)
+
+
+def test_adding_to_a_model_that_writes_no_id_is_one_line(base, tmp_path, capsys):
+    """A checkpoint whose weights are broken (NaN) decodes no ID at all: --add says so, exit 2, no traceback."""
+    root, ckpt, loose = base
+    broken = {**ckpt, "model": {k: torch.full_like(v, float("nan")) if k == "head.bias" else v
+                                for k, v in ckpt["model"].items()}}
+    torch.save(broken, tmp_path / "broken.pt")
+    err = fails(["--checkpoint", str(tmp_path / "broken.pt"), "--add", loose[0], "--out", str(tmp_path / "o")], capsys)
+    assert "decodes no ID" in err

@@ -92,3 +92,35 @@ def test_resume_refuses_other_arguments_and_a_missing_state(tmp_path, capsys):
     assert train.main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "no resume.pt" in err, err
+
+
+def test_resume_refuses_a_folder_whose_images_changed(tmp_path, monkeypatch, capsys):
+    """The resume state holds a fingerprint of the image references and the split: an ImageFolder whose
+    files changed since the run began is refused with one line, before any training."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "photos"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for k in range(20):
+            Image.fromarray(np.full((32, 32, 3), 100 * c + 5 * k, np.uint8)).save(root / f"c{c}" / f"{k:02d}.png")
+    out = tmp_path / "out"
+    argv = ["--dataset", "imagenet", "--data-root", str(root), "--db-size", "40", "--models", "dsi",
+            *TINY[2:], "--out", str(out)]
+    calls = {"n": 0}
+    real_run_epoch = engine.run_epoch
+
+    def run_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_epoch", run_epoch)
+    assert train.main(argv) == 130 and (out / resume.RESUME_FILE).exists()
+    monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
+    (root / "c0" / "00.png").rename(root / "c0" / "zz.png")          # the same image under another name
+    capsys.readouterr()
+    assert train.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "differ from those the interrupted run began with" in err, err
