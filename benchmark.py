@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 import bovw
 import data
+import de
 import grow
 import metrics
 from support import cli, engine, sources, store
@@ -406,6 +407,104 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- speed: how far from the hardware
+
+def flops_per_image(fn, n_images: int) -> float:
+    """FLOPs of fn() per image, as torch's flop counter counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / n_images
+
+
+def matmul_gflops(shapes: list[tuple[int, int, int]], dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """GFLOP/s of bare (m, k) @ (k, n) products of the model's shapes in `dtype`, run for about `seconds`."""
+    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    flop_each = sum(2 * m * k * n for m, k, n in shapes)
+    for x, w in pairs:                                                     # warm-up
+        x @ w
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for x, w in pairs:
+            x @ w
+        done += 1
+    return done * flop_each / (time.perf_counter() - t0) / 1e9
+
+
+def timed_epochs(fn, epochs: int) -> float:
+    """Seconds per call of fn(), the mean of `epochs` calls after one not counted."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        fn()
+    return (time.perf_counter() - t0) / epochs
+
+
+def speed_rows(cell, epochs: int) -> tuple[list[dict], dict]:
+    """images/s, FLOPs per image and GFLOP/s of: an indexing epoch, a retrieval epoch, a dual-encoder epoch and a
+    top-10 query; and the split of a retrieval epoch's seconds into training and its two per-epoch checks."""
+    import train   # the steps' own pieces: the rows time what the main command runs
+    recipe, rows = cell.recipe, []
+    model = ViTDSI(cli.model_config(cell.a, max(map(len, cell.idb_ids)) + 2)).to(cell.device)
+    idb = cell.subset(cell.split.idb)
+    pool, n_idb, _ = train.indexing_pool(cell, idb)
+    trainer = engine.make_trainer(model, recipe, recipe.lr, 1, 1, cell.device, cell.bf16)
+    trainer.scheduler.lr_lambdas = [lambda step: 0.0]                     # the weights stay: every epoch alike
+    order = torch.arange(n_idb)
+    index_epoch = lambda: engine.run_epoch(trainer, pool, order, recipe.batch_size)   # noqa: E731
+    rows.append(("indexing epoch", n_idb, timed_epochs(index_epoch, epochs),
+                 flops_per_image(index_epoch, n_idb)))
+    rng = np.random.default_rng(0)
+    val = train.validation_set(cell, rng)
+    rpool, n_q, _ = train.retrieval_pool(cell, rng)
+    rorder = engine.epoch_order(n_q, round(recipe.index_mix * n_q), n_idb, cell.gen)
+    ret_epoch = lambda: engine.run_epoch(trainer, rpool, rorder, recipe.batch_size)   # noqa: E731
+    train_s = timed_epochs(ret_epoch, epochs)
+    rows.append(("retrieval epoch (training)", len(rorder), train_s, flops_per_image(ret_epoch, len(rorder))))
+    validate_s = timed_epochs(lambda: train.validate(cell, model, val), epochs)
+    whole_s = timed_epochs(lambda: train.index_whole(cell, model, 0.0), epochs)
+    dual = de.DualEncoder(model.config).to(cell.device)
+    anchors, positive = de.anchors_and_positives(cell)
+    de_trainer = engine.make_trainer(dual, recipe, 0.0, 1, 1, cell.device, cell.bf16)
+    de_epoch = lambda: de.train_epoch(cell, dual, de_trainer, anchors, positive, idb, torch.Generator())   # noqa: E731
+    rows.append(("dual-encoder epoch", len(anchors), timed_epochs(de_epoch, epochs),
+                 flops_per_image(de_epoch, len(anchors))))
+    test = cell.subset(cell.split.test)
+    query = lambda: engine.rank_dsi(model, test, cell.trie, 10, None, cell.device)   # noqa: E731
+    rows.append(("top-10 query (beam search)", len(test), timed_epochs(query, epochs), flops_per_image(query, len(test))))
+    split = {"training": train_s, "validation loss + MAP@10 (every epoch)": validate_s,
+             "IDB IA@1 check (an epoch that would be kept)": whole_s}
+    return [{"work": w, "images": n, "s": t, "images/s": n / t, "GFLOP/image": f / 1e9, "GFLOP/s": f * n / t / 1e9}
+            for w, n, t, f in rows], split
+
+
+def speed_main(a: argparse.Namespace) -> int:
+    """`--speed`: the main command's model and data (built-in set, db 512, clustered), timed piece by piece."""
+    import train
+    args = cli.build_parser().parse_args(["--db-size", str(a.db_size), "--ids", a.ids, "--seed", str(a.seeds[0])])
+    log = Log(quiet=True)
+    cell = train.make_cell(args, cli.load_images(args, args.db_size, log), args.db_size, args.ids, log)
+    rows, split = speed_rows(cell, a.speed_epochs)
+    c = cell.a
+    n = (c.image_size // c.patch_size) ** 2 * cell.recipe.batch_size         # B*N rows of one batch
+    shapes = [(n, c.dim, 3 * c.dim), (n, c.dim, c.mlp_dim), (n, c.mlp_dim, c.dim), (n, c.dim, c.dim)]
+    peak = {"bf16": matmul_gflops(shapes, torch.bfloat16), "fp32": matmul_gflops(shapes, torch.float32)}
+    arithmetic = "bf16 autocast" if cell.bf16 else "fp32"
+    lines = [f"Speed of the main command's pieces ({arithmetic}, {torch.get_num_threads()} threads, batch 32):", "",
+             "| work | images | s | images/s | GFLOP per image | GFLOP/s | share of bare bf16 / fp32 matmul |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['work']} | {r['images']} | {r['s']:.2f} | {r['images/s']:.1f} | {r['GFLOP/image']:.3f} | "
+                     f"{r['GFLOP/s']:.0f} | {100 * r['GFLOP/s'] / peak['bf16']:.1f} % / "
+                     f"{100 * r['GFLOP/s'] / peak['fp32']:.1f} % |")
+    lines += ["", f"Bare matmuls of the model's shapes ((B*N, D) x (D, 3D), (D, MLP), (MLP, D), (D, D); B*N = {n}): "
+              f"bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s.", "",
+              "A retrieval epoch's seconds: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items()) + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -426,7 +525,14 @@ def main() -> int:
     p.add_argument("--reuse", action="store_true",
                    help="--grow: take the from-scratch and 75 %% index runs from --out when they hold a finished run "
                         "of the same train.py flags, and train only the additions")
+    p.add_argument("--speed", action="store_true",
+                   help="time the main command's pieces instead: images/s, FLOPs per image (torch's flop counter) "
+                        "and GFLOP/s of indexing, a retrieval epoch, the dual encoder and a top-10 query, beside bare "
+                        "bf16 and fp32 matmuls of the model's shapes (no full training)")
+    p.add_argument("--speed-epochs", type=int, default=2, help="--speed: timed repeats of each piece, after one")
     a, extra = p.parse_known_args()
+    if a.speed:
+        return speed_main(a)
     if a.latency:
         return latency_main(a)
     if a.grow:

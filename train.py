@@ -292,12 +292,9 @@ def run_dsi(cell: Cell, out: str) -> list[dict]:
     return rows
 
 
-def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str,
-                   out: str, log: Log, with_baselines: bool = True, saver: resume.ResumeSaver | None = None,
-                   resumed: dict | None = None) -> list[dict]:
-    """One (db_size, ids) cell of Table 1, as the paper's steps. Returns its rows. The baselines (BoVW, the
-    dual encoder) do not read IDs, so a sweep trains them once per db size (`with_baselines`). `resumed` is the
-    saved state of an interrupted run of this cell: the steps it had finished are taken from it, not run again."""
+def make_cell(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str, log: Log,
+              saver: resume.ResumeSaver | None = None, resumed: dict | None = None) -> Cell:
+    """Step 1: draw the run's images and split them (paper §2.1), give the IDB its IDs; what every step shares."""
     set_seed(a.seed)
     split, held_out = data.hold_out(data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed),
                                     imageset.primary, a.index_hold_out, a.seed)
@@ -306,16 +303,22 @@ def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: i
             f"first index (stratified), recorded in the checkpoint for --add")
     semantic = imageset.images[split.idb] if ids_scheme == "semantic" else None   # IDs from what the images show
     idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed, images=semantic, bovw_k=a.bovw_k)
-    if semantic is not None:
-        log(f"semantic IDs: hierarchical k-means over BoVW histograms, {min(map(len, idb_ids))}-"
-            f"{max(map(len, idb_ids))} digits")
     log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
-        f"test {len(split.test)}; ids {ids_scheme} (up to {max(map(len, idb_ids))} digits)")
+        f"test {len(split.test)}; ids {ids_scheme} ({min(map(len, idb_ids))}-{max(map(len, idb_ids))} digits)")
     recipe, device = cli.recipe_from_args(a), pick_device(a.device)
-    cell = Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
+    return Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
                 data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
                 torch.Generator().manual_seed(a.seed), log, saver=saver or resume.ResumeSaver(), resumed=resumed,
                 finished=dict(resumed["finished"]) if resumed else {}, held_out=held_out)
+
+
+def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str,
+                   out: str, log: Log, with_baselines: bool = True, saver: resume.ResumeSaver | None = None,
+                   resumed: dict | None = None) -> list[dict]:
+    """One (db_size, ids) cell of Table 1, as the paper's steps. Returns its rows. The baselines (BoVW, the
+    dual encoder) do not read IDs, so a sweep trains them once per db size (`with_baselines`). `resumed` is the
+    saved state of an interrupted run of this cell: the steps it had finished are taken from it, not run again."""
+    cell = make_cell(a, imageset, db_size, ids_scheme, log, saver, resumed)
     if "bovw" in a.models and with_baselines and "bovw" not in cell.finished:
         cell.finished["bovw"] = run_bovw(cell)
     rows = [cell.finished["bovw"]] if "bovw" in cell.finished else []

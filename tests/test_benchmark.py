@@ -53,3 +53,10 @@ def test_grow_summary_compares_means_and_each_seed_with_its_own_scratch_run():
     assert abs(f["sd"] - 0.0212132) < 1e-6
     all_query = {r["run"]: r for r in benchmark.grow_summary(rows, "all-query P@10")}[five]   # the metric asked for
     assert abs(all_query["P@10 mean"] - 0.1275) < 1e-9 and all_query["vs scratch (per seed)"] == "-10.0 to +20.0 %"
+
+
+def test_flops_per_image_counts_a_matmul_by_hand():
+    """--speed's FLOPs come from torch's flop counter: (m, k) @ (k, n) is 2 m k n, here shared by 4 images."""
+    import torch
+    x, w = torch.randn(6, 5), torch.randn(5, 3)
+    assert benchmark.flops_per_image(lambda: x @ w, 4) == 2 * 6 * 5 * 3 / 4
