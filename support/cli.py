@@ -43,7 +43,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, "
+    p = Parser(usage="python train.py [--dataset D] [--db-size N] [--ids S] [--models M ...] [--seed N] [--out DIR] "
+                     "[flags]\n       python train.py --checkpoint C (--query IMAGE... | --add PATH... | --remove ID...) "
+                     "[flags]\n       python train.py --resume OUT_DIR",
+               description="ViT as a Differentiable Search Index (DSI) vs a BoVW baseline: index, fine-tune, "
                            "evaluate. The first group is all a first run needs.", formatter_class=HelpFormatter)
     add_start_flags(p)
     add_data_flags(p)
@@ -178,8 +181,9 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                         "their output is computed once per image, so a step runs only the layers above (default: "
                         "all of them, the decoder learns the new IDs; 0 = train the whole model)")
     g.add_argument("--overwrite", action="store_true",
-                   help="--add/--remove: allow --out to be the folder of an existing checkpoint.pt (also the "
-                        "one being grown), which is then replaced")
+                   help="allow --out to be the folder of a finished run (a training run: its outputs are replaced "
+                        "together once the new run has them all) or of an existing checkpoint.pt (--add/--remove: "
+                        "also the one being grown)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,9 +34,12 @@ def atomic_write(path: str, write: Callable[[IO], None], text: bool = False) -> 
             f.flush()
             os.fsync(f.fileno())   # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        failed = e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(failed, OSError):   # torch.save reports a failed write (a full disk) as a RuntimeError
+            raise OSError(failed.errno, failed.strerror, path) from None
         raise
 
 

@@ -490,3 +490,25 @@ def test_only_regular_files_are_read_and_names_print_on_one_line(tmp_path):
     assert sources.printable("a\nb.jpg") == "a\\nb.jpg"
     assert sources.printable(os.fsdecode(b"bad\xff.jpg")) == "bad\\udcff.jpg"
     assert "\n" not in str(sources.UnreadableImage(sources.printable("x\ny")))
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_the_earlier_run_whole(tmp_path):
+    """A file size limit (as a full disk would) stops the checkpoint's write: exit 2, one line, no traceback,
+    and --out's earlier files byte for byte; nothing half-written, no staging folder or lock left behind."""
+    import resource
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_bytes(b'{"rows": ["an earlier run"]}')
+    (out / "checkpoint.pt").write_bytes(b"an earlier checkpoint")
+    before = files(out)
+    limit = 64 * 1024            # the tiny checkpoint is larger; the log and the tables are not
+    proc = subprocess.run([sys.executable, "train.py", *TINY_RUN, "--models", "dsi", "--out", str(out), "--overwrite"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read or write") and "Traceback" not in proc.stderr
+    after = files(out)
+    assert {name: after.get(name) for name in before} == before and set(after) - set(before) == {"train.log"}
