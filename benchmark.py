@@ -62,7 +62,7 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
     name = "imagenet" if data_root else "synthetic"
     out = os.path.join(a.out, f"{recipe}-{name}-{a.db_size}-{a.ids}-s{seed}")
     cmd = [sys.executable, "train.py", "--recipe", recipe, "--db-size", str(a.db_size), "--ids", a.ids,
-           "--seed", str(seed), "--out", out, "--quiet", *extra]
+           "--seed", str(seed), "--out", out, "--quiet", "--models", "all", *extra]
     if data_root:
         cmd += ["--dataset", "imagenet", "--data-root", data_root]
     if not a.report_only:

@@ -21,7 +21,7 @@ from support import cli, engine, recipes, run, sources
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--db-size", "64", "--image-size", "64", "--patch-size", "16", "--dim", "32", "--mlp-dim", "64",
         "--depth", "1", "--heads", "2", "--dropout", "0.0", "--index-epochs", "150", "--index-target-acc", "1.0",
-        "--retrieval-epochs", "2", "--bovw-k", "16", "--lr", "3e-3", "--quiet", "--threads", "1"]
+        "--retrieval-epochs", "2", "--bovw-k", "16", "--lr", "3e-3", "--quiet", "--threads", "1", "--models", "all"]
 ROW_KEYS = {"model", "variant", "db_size", "ids", "IA@1", "IA@5", "MAP@10", "P@10", "Recall@10", "Recall@100",
             "train_seconds", "query_ms"}
 
@@ -323,3 +323,11 @@ def test_imagenette_runs_from_its_cache_without_network(tmp_path):
                        "--models", "dsi", "--quiet", "--threads", "1", "--out", str(out)]) == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(str(train_dir) in ref for ref in ckpt["idb_refs"])
+
+
+def test_the_main_command_runs_the_papers_experiment_and_all_adds_the_dual_encoder():
+    a = cli.build_parser().parse_args([])
+    assert a.models == ["dsi", "bovw"]
+    a = cli.build_parser().parse_args(["--models", "all", "--out", "/tmp/unused-vit-dsi-out"])
+    cli.check_args(a)
+    assert a.models == ["dsi", "bovw", "de"]
