@@ -44,7 +44,6 @@ import grow
 import metrics
 from support import cli, engine, sources, store
 from support.run import Log, UsageError, pick_device
-from de import DualEncoder, rank_cosine
 from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
 
 COLUMNS = ["data", "recipe", "seed", "wall s", "index epochs", "retrieval epochs run / kept",
@@ -78,7 +77,7 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
     rows, wall = results["rows"], results["wall_seconds"]
     pick = lambda model, variant: next((r for r in rows if (r["model"], r["variant"]) == (model, variant)), {})  # noqa: E731
     zs, ft, bw = pick("ViT DSI", "zero-shot"), pick("ViT DSI", "fine-tuned"), pick("BoVW", "-")
-    de = pick("ViT dual encoder", "-")
+    de_row = pick("ViT dual encoder", "-")
     ratio = ft["P@10"] / zs["P@10"] if ft.get("P@10") is not None and zs.get("P@10") else None
     return {"data": name, "recipe": recipe, "seed": seed, "out": out, "wall s": round(wall, 1),
             "index epochs": zs.get("index_epochs"),
@@ -87,8 +86,8 @@ def run_one(recipe: str, data_root: str | None, seed: int, a: argparse.Namespace
             "fine-tuned IA@1": ft.get("IA@1"), "fine-tuned P@10": ft.get("P@10"),
             "fine-tuned MAP@10": ft.get("MAP@10"), "fine-tuned / zero-shot P@10": ratio,
             "BoVW P@10": bw.get("P@10"), "BoVW MAP@10": bw.get("MAP@10"),
-            "DE IA@1": de.get("IA@1"), "DE P@10": de.get("P@10"), "DE MAP@10": de.get("MAP@10"),
-            "retrieval phase s": ft.get("retrieval_seconds"), "DE training s": de.get("train_seconds")}
+            "DE IA@1": de_row.get("IA@1"), "DE P@10": de_row.get("P@10"), "DE MAP@10": de_row.get("MAP@10"),
+            "retrieval phase s": ft.get("retrieval_seconds"), "DE training s": de_row.get("train_seconds")}
 
 
 # Stopping rules replayed on a run's validation MAP@10 curve: stopping never changes the epochs before
@@ -163,7 +162,7 @@ def latency_row(n: int, queries: np.ndarray, seed: int) -> dict:
     ids = data.assign_ids(np.zeros(n, dtype=np.int64), "random", seed=seed)    # n distinct fixed-width IDs
     trie = IDTrie(ids)
     model = ViTDSI(ViTDSIConfig(max_len=len(ids[0]) + 2)).eval()               # BOS, digits, EOS
-    dual = DualEncoder(model.config).eval()
+    dual = de.DualEncoder(model.config).eval()
     x = data.normalize(data.images_to_tensor(queries))
     B = len(queries)
     row = {"IDB images": n}
@@ -171,7 +170,7 @@ def latency_row(n: int, queries: np.ndarray, seed: int) -> dict:
         for k in (10, 100):
             row[f"DSI top-{k} ms"] = 1000 * timed(lambda: model.generate(x, trie, k=k)) / B
         database = torch.nn.functional.normalize(torch.randn(n, model.config.dim), dim=1)   # (n, D)
-        row["DE kNN top-100 ms"] = 1000 * timed(lambda: rank_cosine(dual(x), database, 100)) / B
+        row["DE kNN top-100 ms"] = 1000 * timed(lambda: de.rank_cosine(dual(x), database, 100)) / B
     index = bovw.BoVWIndex(k=200, seed=seed).fit(queries)                      # a vocabulary to embed with
     index.database = bovw.l2_normalize(rng.random((n, index.n_words)).astype(np.float32))
     row["BoVW top-100 ms"] = 1000 * timed(lambda: index.query(queries, top_k=100), repeats=1) / B
@@ -285,8 +284,7 @@ def query_scores(model, ckpt: dict, imageset: sources.ImageSet, split: data.Spli
         ranked, _ = engine.rank_dsi(model, images[torch.as_tensor(queries)], trie, 10, None, device)
         return metrics.retrieval_metrics(ranked, relevant)
     # The test queries are ranked on their own, in the batches train.py ranks them in, so that the scratch and
-    # start rows' test scores (read from results.json) and the steps' come from the same search; ranking them
-    # again among all the queries costs a tenth more.
+    # start rows' test scores (read from results.json) and the steps' come from the same search.
     test, every = scored(split.test), scored(np.concatenate([split.train, split.val, split.test]))
     return {"test P@10": test["P@10"], "test MAP@10": test["MAP@10"], "all-query P@10": every["P@10"]}
 
@@ -337,7 +335,7 @@ def grow_summary(rows: list[dict], metric: str = "test P@10") -> list[dict]:
     """One line per run over the seeds: the `metric` each ends with (mean, sd), against the from-scratch
     runs' mean and, per seed, against its own scratch run (range, and the standard error of their mean);
     the training time against scratch (all steps of a run together); the least new and old IA@1 seen in any
-    step. A scratch run's P@10 moves by more than 5 % from seed to seed, so one seed's pair says little."""
+    step."""
     seeds = sorted({r["seed"] for r in rows})
     scratch = {r["seed"]: r for r in rows if r["run"] == SCRATCH}
     base_p10 = float(np.mean([scratch[s][metric] for s in seeds]))

@@ -46,7 +46,6 @@ from support.sources import DataError, ImageSet
 # ---------------------------------------------------------------- tokens (paper §2.2)
 
 # Digits 0-9 are tokens 0-9, then BOS, EOS, PAD (10 is unused).
-DIGIT_TOKENS = range(10)
 BOS = 11
 EOS = 12
 PAD = 13

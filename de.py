@@ -15,6 +15,7 @@ last section).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 import data
 import metrics
 from support import cli, engine
-from support.run import IA_DEPTH, RANK_DEPTH, Cell, score_row, training_pairs
+from support.run import IA_DEPTH, RANK_DEPTH, Cell, TrainingDiverged, row_line, score_row, training_pairs
 from vitdsi import ViTDSI, ViTDSIConfig, set_dropout
 
 # InfoNCE divides cosines (in [-1, 1]) by the temperature: at 0.1 the logits span [-10, 10], so the softmax
@@ -88,9 +89,9 @@ def embed(model: DualEncoder, images: torch.Tensor, cell: Cell, batch_size: int 
 
 def train_epoch(cell: Cell, model: DualEncoder, trainer: engine.Trainer, anchors: torch.Tensor,
                 positive: torch.Tensor, idb: torch.Tensor, gen: torch.Generator) -> float:
-    """One epoch: per step, a batch of augmented anchors against the clean IDB images picked as one positive
-    of each anchor; the other anchors' picks are its negatives (in-batch negatives, as in DPR, Karpukhin et
-    al. 2020). Returns the mean loss."""
+    """One epoch: per step, a batch of anchors (always shown as augmented views) against the clean IDB images
+    picked as one positive of each anchor; the other anchors' picks are its negatives (in-batch negatives, as
+    in DPR, Karpukhin et al. 2020). Returns the mean loss."""
     model.train()
     order, total, batch_size = torch.randperm(len(anchors), generator=gen), 0.0, cell.recipe.batch_size
     for start in range(0, len(order), batch_size):
@@ -101,9 +102,22 @@ def train_epoch(cell: Cell, model: DualEncoder, trainer: engine.Trainer, anchors
         with torch.autocast(cell.device.type, dtype=torch.bfloat16, enabled=cell.bf16):
             q, e = model(x), model(data.normalize(idb[cand].to(cell.device)))
         loss = info_nce(q.float(), e.float(), positive[idx][:, cand].to(cell.device))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged in the dual encoder's training: the loss is {value}; "
+                                   f"lower the learning rate (--retrieval-lr)")
         engine.step(trainer, loss)
-        total += loss.item() * len(idx)
+        total += value * len(idx)
     return total / len(anchors)
+
+
+def validation_map(cell: Cell, model: DualEncoder, val_images: torch.Tensor, idb: torch.Tensor,
+                   relevant: list[set[str]]) -> float | None:
+    """MAP@10 of the validation queries (those with a relevant IDB image) by cosine ranking; None without any."""
+    if not relevant:
+        return None
+    top, _ = rank_cosine(embed(model, val_images, cell), embed(model, idb, cell), 10)
+    return metrics.mean_average_precision_at_k(cell.id_lists(top), relevant, 10)
 
 
 def train_dual_encoder(cell: Cell, model: DualEncoder) -> dict:
@@ -124,11 +138,11 @@ def train_dual_encoder(cell: Cell, model: DualEncoder) -> dict:
     log(f"dual encoder: {len(anchors)} anchors per epoch, lr {recipe.retrieval_lr:g}, {recipe.retrieval_epochs} epochs")
     for epoch in range(1, recipe.retrieval_epochs + 1):
         loss = train_epoch(cell, model, trainer, anchors, positive, idb, gen)
-        top, _ = rank_cosine(embed(model, val_images, cell), embed(model, idb, cell), 10)
-        val_map = metrics.mean_average_precision_at_k(cell.id_lists(top), [rel_val[i] for i in keep_va], 10)
-        stop = stopper.step(epoch, val_map, model, trainer.optimizer)
-        log(f"dual encoder epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  "
-            f"val MAP@10 {val_map:.3f}  lr {trainer.scheduler.get_last_lr()[0]:.2e}")
+        val_map = validation_map(cell, model, val_images, idb, [rel_val[i] for i in keep_va])
+        # With no validation query to choose by, the last epoch is kept.
+        stop = stopper.step(epoch, epoch if val_map is None else val_map, model, trainer.optimizer)
+        log(f"dual encoder epoch {epoch:3d}/{recipe.retrieval_epochs}  loss {loss:.4f}  val MAP@10 "
+            f"{'-' if val_map is None else format(val_map, '.3f')}  lr {trainer.scheduler.get_last_lr()[0]:.2e}")
         if stop:
             break
     stopper.restore(model, trainer.optimizer)
@@ -152,6 +166,6 @@ def run_dual_encoder(cell: Cell) -> dict:
     row = score_row(cell, "ViT dual encoder", "-", cell.id_lists(db_top), cell.id_lists(q_top))
     row.update(train_seconds=round(trained["seconds"], 2), query_ms=round(q_ms, 2),
                retrieval_epochs=trained["epochs"], retrieval_epoch_kept=trained["best_epoch"])
-    cell.log(f"ViT dual encoder: IA@1 {row['IA@1']:.3f}  P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  "
-             f"Recall@100 {row['Recall@100']:.3f}  ({trained['seconds']:.0f} s training)")
+    cell.log(f"ViT dual encoder: {row_line(row, ('IA@1', 'P@10', 'MAP@10', 'Recall@100'))}  "
+             f"({trained['seconds']:.0f} s training)")
     return row

@@ -377,7 +377,7 @@ def add_to_index(model: ViTDSI, ckpt: dict, additions: Additions, replay: Replay
 
 def rebuild_run(ckpt: dict, log: Log) -> tuple[sources.ImageSet, data.Split]:
     """The run's images and its split (queries and whole IDB, held-out part included), drawn again from
-    the checkpoint's stored arguments, as train.py's `run_experiment` drew them. Growing is scored on the run's
+    the checkpoint's stored arguments, as train.py's `make_cell` drew them. Growing is scored on the run's
     own test queries, so the draw must give the IDB the checkpoint names; data that moved is bad input."""
     run = argparse.Namespace(**ckpt["args"])
     imageset = cli.load_images(run, run.db_size, log)

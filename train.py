@@ -8,7 +8,7 @@ Di Stefano, "Vision Transformer Memory as a Differentiable Search Index for Imag
   4. `finetune`: query image -> IDs of relevant IDB images, keeping the epoch with the best
      validation score                                             -> `evaluate`: the "fine-tuned" row;
   5. score every row with the same functions on the same test queries (metrics.py) and write
-     results.json, results.md, curves.png, checkpoint.pt and train.log to `--out`.
+     results.json, results.md, curves.png, retrievals.png, checkpoint.pt and train.log to `--out`.
 
 Read it top to bottom: `index`, `finetune`, `evaluate`, then `run_experiment` that ties them together, and
 `main`. The machinery they call (optimiser, epoch loop, resume, checkpoints, flags) is in support/.
@@ -38,10 +38,51 @@ import de
 import grow
 import metrics
 from support import cli, download, engine, outputs, plots, query, resume, sources, store
-from support.run import IA_DEPTH, RANK_DEPTH, Cell, Clock, Log, UsageError, fmt_seconds, os_error_line, pick_device
+from support.run import IA_DEPTH, RANK_DEPTH, Cell, Clock, Log, UsageError, fmt_seconds, index_line, os_error_line
 from support.run import record_curves, retrieval_end, retrieval_line, retrieval_plan, score_row, set_seed
-from support.run import training_pairs, use_bf16
+from support.run import pick_device, row_line, training_pairs, use_bf16
 from vitdsi import IDTrie, ViTDSI, set_dropout
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 1 and 2: the data, and the baseline
+# --------------------------------------------------------------------------------------------
+
+def make_cell(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str, log: Log,
+              saver: resume.ResumeSaver | None = None, resumed: dict | None = None) -> Cell:
+    """Step 1: draw the run's images and split them (paper §2.1), give the IDB its IDs; what every step shares."""
+    set_seed(a.seed)
+    split, held_out = data.hold_out(data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed),
+                                    imageset.primary, a.index_hold_out, a.seed)
+    if len(held_out):
+        log(f"index hold-out: {len(held_out)} of {len(split.idb) + len(held_out)} IDB images left out of the "
+            f"first index (stratified), recorded in the checkpoint for --add")
+    semantic = imageset.images[split.idb] if ids_scheme == "semantic" else None   # IDs from what the images show
+    idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed, images=semantic, bovw_k=a.bovw_k)
+    log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
+        f"test {len(split.test)}; ids {ids_scheme} ({min(map(len, idb_ids))}-{max(map(len, idb_ids))} digits)")
+    recipe, device = cli.recipe_from_args(a), pick_device(a.device)
+    return Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
+                data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
+                torch.Generator().manual_seed(a.seed), log, saver=saver or resume.ResumeSaver(), resumed=resumed,
+                finished=dict(resumed["finished"]) if resumed else {}, held_out=held_out)
+
+
+def run_bovw(cell: Cell) -> dict:
+    """The BoVW baseline (paper §3.1): vocabulary and index from the IDB, cosine ranking of the test queries."""
+    a, split, imageset = cell.a, cell.split, cell.imageset
+    t0 = time.perf_counter()
+    bovw_index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pos, _ = bovw_index.query(imageset.images[split.test], top_k=RANK_DEPTH)
+    q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
+    db_pos, _ = bovw_index.query(imageset.images[split.idb], top_k=IA_DEPTH)
+    row = score_row(cell, "BoVW", "-", cell.id_lists(db_pos), cell.id_lists(pos))
+    row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
+    cell.log(f"BoVW: vocabulary of {bovw_index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
+             f"{row_line(row, ('P@10', 'MAP@10', 'Recall@100'))}")
+    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +113,6 @@ def index(cell: Cell, model: ViTDSI) -> dict:
                                   recipe.index_epochs, cell.device, cell.bf16, augment_seed=a.seed + 2)
     if recipe.index_dropout is not None:
         set_dropout(model, recipe.index_dropout)
-    cell.curves["index_loss"], cell.curves["index_acc"] = [], []
     progress = resume.resume_phase(cell, "index", trainer, {"epoch": 0, "train_ia": 0.0, "seconds": 0.0})
     epoch, train_ia, clock = progress["epoch"], progress["train_ia"], Clock(progress["seconds"])
     while epoch < recipe.index_epochs and train_ia < a.index_target_acc:
@@ -85,12 +125,9 @@ def index(cell: Cell, model: ViTDSI) -> dict:
         if acc >= a.index_target_acc or epoch == recipe.index_epochs:
             ranked, _ = engine.rank_dsi(model, idb_images, cell.trie, 1, a.beam, cell.device)
             train_ia = metrics.indexing_accuracy(ranked, cell.idb_ids, 1)
-        cell.curves["index_loss"].append(loss)
-        cell.curves["index_acc"].append(acc)
-        log(f"index  epoch {epoch:4d}/{recipe.index_epochs}  loss {loss:.4f}  acc {acc:.3f}  "
-            f"lr {trainer.scheduler.get_last_lr()[0]:.2e}  {clock.lap():.2f} s/epoch  "
-            f"ETA <= {clock.eta(epoch, recipe.index_epochs)}"
-            + (f"  IA@1 {train_ia:.3f}" if acc >= a.index_target_acc else ""))
+        record_curves(cell.curves, index_loss=loss, index_acc=acc)
+        log(index_line(epoch, recipe.index_epochs, loss, acc, trainer.scheduler.get_last_lr()[0], clock,
+                       train_ia if acc >= a.index_target_acc else None))
         resume.save_resume_state(cell, "index", trainer,
                                  {"epoch": epoch, "train_ia": train_ia, "seconds": clock.seconds()})
     seconds = clock.seconds()
@@ -197,8 +234,6 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
     floor = min(a.index_target_acc, cell.finished["zero_shot"]["IA@1"]) if "zero_shot" in cell.finished \
         else a.index_target_acc
     log(retrieval_plan(recipe, n_q, n_mix, floor))
-    for key in ("ret_train_loss", "ret_val_loss", "ret_train_acc", "ret_val_acc", "ret_val_map"):
-        cell.curves[key] = []
     stopper = engine.EarlyStopping(recipe.patience, recipe.min_epochs)
     if recipe.keep_index:   # until an epoch qualifies, the epoch kept is 0: the zero-shot model
         stopper.keep(model, trainer.optimizer)
@@ -210,7 +245,8 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
         loss, acc, _ = engine.run_epoch(trainer, pool, engine.epoch_order(n_q, n_mix, n_idb, cell.gen),
                                         recipe.batch_size, phase="retrieval", epoch=epoch)
         v = validate(cell, model, val)
-        record_curves(cell.curves, loss, acc, v)
+        record_curves(cell.curves, ret_train_loss=loss, ret_train_acc=acc, ret_val_loss=v["loss"],
+                      ret_val_acc=v["acc"], ret_val_map=v.get("map"))
         stopper.step(epoch, epoch_score(cell, model, v, epoch, floor, stopper.best_score), model, trainer.optimizer)
         log(retrieval_line(epoch, recipe.retrieval_epochs, loss, acc, v, trainer.scheduler.get_last_lr()[0],
                                     clock))
@@ -223,7 +259,7 @@ def finetune(cell: Cell, model: ViTDSI) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Steps 2 and 5: the baseline, and scoring every model alike (paper §3.1)
+# Step 5: scoring every model alike (paper §3.1)
 # --------------------------------------------------------------------------------------------
 
 def evaluate(cell: Cell, model: ViTDSI, variant: str, train_seconds: float, info: dict) -> dict:
@@ -235,25 +271,7 @@ def evaluate(cell: Cell, model: ViTDSI, variant: str, train_seconds: float, info
                                    cell.device, log=cell.log, what="test queries")
     row = score_row(cell, "ViT DSI", variant, db_rank, q_rank)
     row.update(train_seconds=round(train_seconds, 2), query_ms=round(q_ms, 2), **info)
-    cell.log(f"ViT DSI {variant}: IA@1 {row['IA@1']:.3f}  IA@5 {row['IA@5']:.3f}  P@10 {row['P@10']:.3f}  "
-             f"MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}  ({q_ms:.1f} ms/query)")
-    return row
-
-
-def run_bovw(cell: Cell) -> dict:
-    """The BoVW baseline (paper §3.1): vocabulary and index from the IDB, cosine ranking of the test queries."""
-    a, split, imageset = cell.a, cell.split, cell.imageset
-    t0 = time.perf_counter()
-    index = bovw.BoVWIndex(k=a.bovw_k, seed=a.seed).fit(imageset.images[split.idb])
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pos, _ = index.query(imageset.images[split.test], top_k=RANK_DEPTH)
-    q_ms = 1000 * (time.perf_counter() - t0) / max(1, len(split.test))
-    db_pos, _ = index.query(imageset.images[split.idb], top_k=IA_DEPTH)
-    row = score_row(cell, "BoVW", "-", cell.id_lists(db_pos), cell.id_lists(pos))
-    row.update(train_seconds=round(fit_s, 2), query_ms=round(q_ms, 2))
-    cell.log(f"BoVW: vocabulary of {index.n_words} words + index in {fit_s:.1f} s, {q_ms:.1f} ms/query; "
-             f"P@10 {row['P@10']:.3f}  MAP@10 {row['MAP@10']:.3f}  Recall@100 {row['Recall@100']:.3f}")
+    cell.log(f"ViT DSI {variant}: {row_line(row)}  ({q_ms:.1f} ms/query)")
     return row
 
 
@@ -290,26 +308,6 @@ def run_dsi(cell: Cell, out: str) -> list[dict]:
     plots.draw_curves(cell.curves, os.path.join(out, "curves.png"),
                       title=f"{a.dataset} db {cell.db_size} ids {cell.ids}")
     return rows
-
-
-def make_cell(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str, log: Log,
-              saver: resume.ResumeSaver | None = None, resumed: dict | None = None) -> Cell:
-    """Step 1: draw the run's images and split them (paper §2.1), give the IDB its IDs; what every step shares."""
-    set_seed(a.seed)
-    split, held_out = data.hold_out(data.split_dataset(imageset, db_size, a.index_fraction, seed=a.seed),
-                                    imageset.primary, a.index_hold_out, a.seed)
-    if len(held_out):
-        log(f"index hold-out: {len(held_out)} of {len(split.idb) + len(held_out)} IDB images left out of the "
-            f"first index (stratified), recorded in the checkpoint for --add")
-    semantic = imageset.images[split.idb] if ids_scheme == "semantic" else None   # IDs from what the images show
-    idb_ids = data.assign_ids(imageset.primary[split.idb], ids_scheme, seed=a.seed, images=semantic, bovw_k=a.bovw_k)
-    log(f"split: IDB {len(split.idb)}, queries train {len(split.train)} / val {len(split.val)} / "
-        f"test {len(split.test)}; ids {ids_scheme} ({min(map(len, idb_ids))}-{max(map(len, idb_ids))} digits)")
-    recipe, device = cli.recipe_from_args(a), pick_device(a.device)
-    return Cell(a, recipe, db_size, ids_scheme, imageset, split, idb_ids, IDTrie(idb_ids),
-                data.images_to_tensor(imageset.images), device, use_bf16(recipe.precision, device),
-                torch.Generator().manual_seed(a.seed), log, saver=saver or resume.ResumeSaver(), resumed=resumed,
-                finished=dict(resumed["finished"]) if resumed else {}, held_out=held_out)
 
 
 def run_experiment(a: argparse.Namespace, imageset: sources.ImageSet, db_size: int, ids_scheme: str,
@@ -385,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(a, saver)
     except (UsageError, sources.DataError, bovw.BoVWError, download.DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {sources.printable(str(e))}", file=sys.stderr)   # one line, whatever a path holds
         return 2
     except OSError as e:   # disk full, no permission, a read-only folder: what was there stays whole
         print(f"error: {os_error_line(e)}", file=sys.stderr)

@@ -52,7 +52,7 @@ class ViTDSIConfig:
     max_len: int = 16               # longest token sequence BOS + digits + EOS the decoder accepts
 
     def __post_init__(self) -> None:
-        # ValueError rather than assert: these come from user flags, and train.py turns them into a message.
+        # ValueError rather than assert: a config comes from user flags or a checkpoint (support/cli.py checks both).
         if self.image_size % self.patch_size != 0:
             raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}; "
                              f"pick --image-size a multiple of --patch-size")
@@ -458,46 +458,6 @@ def _keep_best_finished(done_scores: torch.Tensor, done_nodes: torch.Tensor, eos
     return done_scores, done_nodes.gather(1, best)
 
 
-def _trace_step(trace: list | None, trie: IDTrie, tokens: torch.Tensor, nodes: torch.Tensor,
-                scores: torch.Tensor, candidates: torch.Tensor) -> None:
-    """`generate`'s trace of one step, image 0 only (the first image of the batch). With trace None it returns
-    at once: an untraced search runs no extra op and no sync. Otherwise it appends a dict of plain data (str,
-    float, lists of tuples; scores are summed log-probs, a prefix is the digits written so far, "" at first)
-    and gives the previous dict its survivors, this step's prefixes; a step where image 0 has no live
-    hypothesis left (other images still searching) adds nothing:
-
-        {"step": t,                          0-based: this step writes token t + 1 after BOS, a digit or EOS
-         "prefixes": [(prefix, score)],      the live hypotheses entering the step, best first
-         "options": [[(token, logp, total)]],  per prefix, each token the trie allows ("0".."9" or "EOS"),
-                                             best first: its log-prob and the extended score (score + logp)
-         "finished": [(id, total)],          the IDs that EOS closes here, best first (the k best of all the
-                                             steps' finished IDs are what `generate` returns)
-         "survivors": [(prefix, score)]}     the hypotheses alive after the step (the beam's best digit
-                                             continuations not below the k-th finished ID); [] at the end
-    tokens (B, W, t), nodes and scores (B, W), candidates (B, W, V) as `_continuations` returns them.
-    """
-    if trace is None:
-        return
-    row_scores = scores[0].tolist()                                    # (W,)
-    live = [w for w, s in enumerate(row_scores) if s > float("-inf")]
-    if not live:
-        return
-    prefixes = [("".join(str(d) for d in tokens[0, w, 1:].tolist()), row_scores[w]) for w in live]
-    step = tokens.shape[2] - 1
-    if step > 0 and trace:
-        trace[-1]["survivors"] = prefixes
-    rows, row_nodes = candidates[0].tolist(), nodes[0].tolist()       # (W, V), (W,)
-    options, finished = [], []
-    for w in live:
-        options.append(sorted(((("EOS" if v == EOS else str(v)), total - row_scores[w], total)
-                               for v, total in enumerate(rows[w]) if total > float("-inf")), key=lambda o: -o[2]))
-        if rows[w][EOS] > float("-inf"):
-            end = int(trie.children[row_nodes[w], EOS])
-            finished.append((trie.ids[int(trie.id_of_node[end])], rows[w][EOS]))
-    trace.append({"step": step, "prefixes": prefixes, "options": options,
-                  "finished": sorted(finished, key=lambda f: -f[1]), "survivors": []})
-
-
 def _best_continuations(candidates: torch.Tensor, tokens: torch.Tensor, nodes: torch.Tensor,
                         children: torch.Tensor, beam: int) -> tuple[torch.Tensor, ...] | None:
     """The next live hypotheses: per image, the `beam` best of all candidates (B, W, V), each a parent
@@ -596,3 +556,46 @@ def set_dropout(model: nn.Module, p: float, draw: str | None = None) -> None:
             m.p, m.draw = p, draw or m.draw
         elif isinstance(m, MultiHeadAttention):
             m.dropout, m.draw = p, draw or m.draw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Watching the search (python train.py --query IMAGE --explain)
+
+def _trace_step(trace: list | None, trie: IDTrie, tokens: torch.Tensor, nodes: torch.Tensor,
+                scores: torch.Tensor, candidates: torch.Tensor) -> None:
+    """`generate`'s trace of one step, image 0 only (the first image of the batch). With trace None it returns
+    at once: an untraced search runs no extra op and no sync. Otherwise it appends a dict of plain data (str,
+    float, lists of tuples; scores are summed log-probs, a prefix is the digits written so far, "" at first)
+    and gives the previous dict its survivors, this step's prefixes; a step where image 0 has no live
+    hypothesis left (other images still searching) adds nothing:
+
+        {"step": t,                          0-based: this step writes token t + 1 after BOS, a digit or EOS
+         "prefixes": [(prefix, score)],      the live hypotheses entering the step, best first
+         "options": [[(token, logp, total)]],  per prefix, each token the trie allows ("0".."9" or "EOS"),
+                                             best first: its log-prob and the extended score (score + logp)
+         "finished": [(id, total)],          the IDs that EOS closes here, best first (the k best of all the
+                                             steps' finished IDs are what `generate` returns)
+         "survivors": [(prefix, score)]}     the hypotheses alive after the step (the beam's best digit
+                                             continuations not below the k-th finished ID); [] at the end
+    tokens (B, W, t), nodes and scores (B, W), candidates (B, W, V) as `_continuations` returns them.
+    """
+    if trace is None:
+        return
+    row_scores = scores[0].tolist()                                    # (W,)
+    live = [w for w, s in enumerate(row_scores) if s > float("-inf")]
+    if not live:
+        return
+    prefixes = [("".join(str(d) for d in tokens[0, w, 1:].tolist()), row_scores[w]) for w in live]
+    step = tokens.shape[2] - 1
+    if step > 0 and trace:
+        trace[-1]["survivors"] = prefixes
+    rows, row_nodes = candidates[0].tolist(), nodes[0].tolist()       # (W, V), (W,)
+    options, finished = [], []
+    for w in live:
+        options.append(sorted(((("EOS" if v == EOS else str(v)), total - row_scores[w], total)
+                               for v, total in enumerate(rows[w]) if total > float("-inf")), key=lambda o: -o[2]))
+        if rows[w][EOS] > float("-inf"):
+            end = int(trie.children[row_nodes[w], EOS])
+            finished.append((trie.ids[int(trie.id_of_node[end])], rows[w][EOS]))
+    trace.append({"step": step, "prefixes": prefixes, "options": options,
+                  "finished": sorted(finished, key=lambda f: -f[1]), "survivors": []})

@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
     input: status 2 and one line naming it, not the whole usage text."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}; see python train.py --help\n")
+        self.exit(2, f"error: {sources.printable(message)}; see python train.py --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +425,21 @@ def check_training_args(a: argparse.Namespace) -> None:
         raise UsageError("--dataset coco needs --coco-annotations instances_*.json")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for but no CUDA device is visible: use --device cpu or auto")
+    check_memory(max(a.sweep_sizes) if a.sweep else a.db_size, a.image_size)
+
+
+def check_memory(db_size: int, image_size: int) -> None:
+    """A run keeps its images in memory twice (the decoded array and the training tensor): refuse, before any
+    work, a run whose images alone would take more than half of this machine's memory."""
+    need = 2 * db_size * image_size ** 2 * 3
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # not every system tells
+        return
+    if need > have / 2:
+        raise UsageError(f"--db-size {db_size} at --image-size {image_size} needs about {need / 2**30:.1f} GiB for its "
+                         f"images, more than half of this machine's {have / 2**30:.1f} GiB; pass a smaller "
+                         f"--db-size or --image-size")
 
 
 def check_out_folder(out: str) -> None:

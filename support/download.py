@@ -1,9 +1,9 @@
 """Fetch Imagenette once, so the paper's ImageNet protocol runs on a fresh machine.
 
 ``fetch_imagenette(data_root)`` returns ``DATA_ROOT/imagenette2-160/train``, an ImageFolder tree
-(``<class>/<image>.JPEG``) that ``data.load_imagefolder`` reads. The first call downloads
+(``<class>/<image>.JPEG``) that ``support.sources.load_imagefolder`` reads. The first call downloads
 
-    https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz   (about 94 MB, md5 e793b78c...)
+    https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz   (md5 e793b78c...)
 
 to ``DATA_ROOT/imagenette2-160.tgz``, checks its md5 and extracts it to ``DATA_ROOT/imagenette2-160/``;
 ``default_data_root()`` is a per-user cache, ``$XDG_CACHE_HOME/vit-dsi`` or ``~/.cache/vit-dsi``.

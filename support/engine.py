@@ -1,7 +1,8 @@
-"""The training engine: recipes, optimiser and schedule, the epoch loop, the no-grad loops, early stopping.
+"""The training engine: optimiser and schedule, the epoch loop, the no-grad loops, early stopping.
 
-It knows the model only by `encode`, `decode` and `generate`, and is shared by every phase that trains
-one: train.py's indexing and retrieval phases, de.py's dual encoder and grow.py's additions.
+It knows the model by `encode`, `decode` and `generate` (and, for an encoder with a frozen bottom, its
+`encoder.until` / `encoder.after`), and is shared by every phase that trains one: train.py's indexing and
+retrieval phases, de.py's dual encoder and grow.py's additions.
 
     trainer = make_trainer(model, recipe, recipe.lr, steps_per_epoch, recipe.index_epochs, device)
     loss, acc, clean_acc = run_epoch(trainer, pool, epoch_order(n, 0, n, gen), recipe.batch_size)
@@ -177,14 +178,14 @@ def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
             logits = model.decode(encode_batch(model, pool, idx, x), y[:, :-1])  # (B*G, L-1, V)
         loss, hit = seq_loss(logits, y, trainer.smoothing)
-        step(trainer, loss)
-        hit = hit.view(B, G).any(dim=1).cpu()                               # (B,)
         value = loss.item()
-        if not math.isfinite(value):
+        if not math.isfinite(value):   # before the step: weights that a NaN has reached are never kept
             where = f"the {phase} phase" + ("" if epoch is None else f" at epoch {epoch}")
             flag = LR_FLAGS.get(phase, "--lr / --retrieval-lr")
             raise TrainingDiverged(f"training diverged in {where}: the loss is {value}; lower the learning rate "
                                    f"({flag})")
+        step(trainer, loss)
+        hit = hit.view(B, G).any(dim=1).cpu()                               # (B,)
         total_loss += value * B
         total_hit += int(hit.sum())
         seen += B
@@ -200,8 +201,9 @@ def run_epoch(trainer: Trainer, pool: Pool, order: torch.Tensor, batch_size: int
 @torch.no_grad()
 def in_batches(images: torch.Tensor, batch_size: int, device: torch.device, fn: Callable[[torch.Tensor, slice], object],
                bf16: bool = False, progress: Callable[[int], None] | None = None) -> list:
-    """fn(x, rows) for each batch x = normalize(images[rows]) on `device`, dropout and autograd off, under
-    bf16 autocast when asked; the list of what it returns. `progress(done)` after each batch."""
+    """fn(x, rows) for each batch x = normalize(images[rows]) on `device`, autograd off (the caller puts the model
+    in eval mode, dropout off), under bf16 autocast when asked; the list of what it returns. `progress(done)`
+    after each batch."""
     out = []
     for start in range(0, len(images), batch_size):
         rows = slice(start, start + batch_size)

@@ -7,6 +7,8 @@ same name (support/cli.py), which overrides the named recipe's value:
 """
 from dataclasses import dataclass, field, fields
 
+from vitdsi import DROPOUT_DRAWS
+
 
 RECIPE_NAMES = ("paper", "fast")
 
@@ -51,7 +53,7 @@ class Recipe:
                                   "one encoder pass")
     dropout_draw: str = knob("torch", "words", "how dropout masks are drawn: torch = F.dropout, one random "
                              "number per element; words = 15 random bits per element cut from 64-bit words, "
-                             "a quarter of the generator calls", ("words", "torch"))
+                             "a quarter of the generator calls", DROPOUT_DRAWS)
     keep_index: bool = knob(False, True, "retrieval phase: keep only an epoch whose IDB IA@1 (beam search) "
                             "is at least --index-target-acc (or the zero-shot IA@1, if lower); with none, the "
                             "zero-shot model stays")

@@ -2,7 +2,8 @@
 
 A phase asks for its starting point once (`resume_phase`) and hands over each finished epoch
 (`save_resume_state`); a run stopped by Ctrl-C or a crash then goes on with `python train.py --resume OUT`
-to the metrics an uninterrupted run gives. Nothing else in the training code knows about resuming.
+to the metrics an uninterrupted run gives. The steps only skip what the saved state has finished
+(`Cell.finished`: BoVW, the zero-shot row).
 """
 from __future__ import annotations
 

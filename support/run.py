@@ -157,6 +157,11 @@ def training_pairs(cell: Cell) -> tuple[torch.Tensor, list[list[int]], int]:
     return images, lists, len(keep)
 
 
+def row_line(row: dict, keys: tuple[str, ...] = ("IA@1", "IA@5", "P@10", "MAP@10", "Recall@100")) -> str:
+    """A row's metrics for the log; "-" for one that is not defined (no test query has a relevant IDB image)."""
+    return "  ".join(f"{k} {'-' if row[k] is None else format(row[k], '.3f')}" for k in keys)
+
+
 def score_row(cell: Cell, model_name: str, variant: str, rankings_db: list, rankings_q: list) -> dict:
     """One row of Table 1, every metric from metrics.py, for every model alike, on the same queries.
     Test queries with no relevant IDB image are left out of the retrieval metrics; the row says how many.
@@ -206,9 +211,15 @@ def retrieval_end(recipe: Recipe, epoch: int, stopped: bool, kept: int, floor: f
     return "\n".join(lines)
 
 
-def record_curves(curves: dict[str, list[float]], loss: float, acc: float, v: dict) -> None:
-    """Append one retrieval epoch to the curves (paper Figures 2-3)."""
-    for key, value in (("ret_train_loss", loss), ("ret_train_acc", acc), ("ret_val_loss", v["loss"]),
-                       ("ret_val_acc", v["acc"]), ("ret_val_map", v.get("map"))):
+def record_curves(curves: dict[str, list[float]], **values: float | None) -> None:
+    """Append one epoch's values to the run's curves (paper Figures 1-3); a value None is not recorded."""
+    for key, value in values.items():
         if value is not None:
-            curves[key].append(value)
+            curves.setdefault(key, []).append(value)
+
+
+def index_line(epoch: int, epochs: int, loss: float, acc: float, lr: float, clock: Clock, ia: float | None) -> str:
+    """One indexing epoch's progress line; `ia`, the IA@1 by beam search, when it was checked."""
+    return (f"index  epoch {epoch:4d}/{epochs}  loss {loss:.4f}  acc {acc:.3f}  lr {lr:.2e}  "
+            f"{clock.lap():.2f} s/epoch  ETA <= {clock.eta(epoch, epochs)}"
+            + (f"  IA@1 {ia:.3f}" if ia is not None else ""))

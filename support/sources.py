@@ -42,7 +42,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-DATASETS = ("synthetic", "synthetic-multilabel", "imagenet", "imagenette", "coco")   # imagenette: fetched once (support/download.py), then an ImageFolder
+# imagenette: fetched once by support/download.py, then read as an ImageFolder (imagenet)
+DATASETS = ("synthetic", "synthetic-multilabel", "imagenet", "imagenette", "coco")
 DEFAULT_ASPECT_RANGE = (0.9, 1.1)  # paper §2.1: keep nearly square images only
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -55,7 +56,7 @@ class UnreadableImage(DataError):
     """A file PIL cannot open or decode (the loaders skip and count these; never fatal there)."""
 
 
-# Everything Pillow's decoders were seen to raise on one bad file (beyond OSError, its documented error): each
+# What Pillow's decoders may raise on one bad file (beyond OSError, its documented error): each
 # means "this file", never "this run", so the loaders skip it and count it.
 DECODER_ERRORS = (OSError, ValueError, SyntaxError, NotImplementedError, ArithmeticError, MemoryError,
                   Image.DecompressionBombError, struct.error, EOFError, IndexError, TypeError, KeyError)

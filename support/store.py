@@ -6,6 +6,7 @@ rebuilds the model from it alone. `write_results` writes a run's results.json an
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os

@@ -414,6 +414,7 @@ BAD_INPUT = [
     # flags that belong to another mode; seeds of an ImageFolder run
     Case("sheet-without-query", flags("--sheet", "x.png"), "--sheet works with --query"),
     Case("explain-without-query", flags("--explain"), "--explain works with --query"),
+    Case("db-size-beyond-memory", flags("--db-size", "100000000"), "more than half of this machine's"),
     Case("imagefolder-seed-negative", imagefolder_run("--seed", "-1"), "--seed -1 must be 0 or more"),
     Case("lr-diverges", flags("--models", "dsi", "--lr", "1e30", "--retrieval-lr", "1e30"),
          re.compile(r"^error: training diverged in the \w+ phase( at epoch \d+)?: the loss is nan; "

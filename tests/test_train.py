@@ -331,3 +331,17 @@ def test_the_main_command_runs_the_papers_experiment_and_all_adds_the_dual_encod
     a = cli.build_parser().parse_args(["--models", "all", "--out", "/tmp/unused-vit-dsi-out"])
     cli.check_args(a)
     assert a.models == ["dsi", "bovw", "de"]
+
+
+def test_a_run_whose_test_queries_have_no_relevant_image_ends_with_undefined_metrics(tmp_path):
+    """db 8: 2 indexed images, 1 test query, often of a class the IDB lacks: its retrieval metrics are not
+    defined (null, "–" in the table), the run still ends, every model alike, the dual encoder with no
+    validation query keeping its last epoch."""
+    argv = ["--db-size", "8", "--image-size", "32", "--patch-size", "16", "--dim", "16", "--mlp-dim", "32", "--depth",
+            "1", "--heads", "2", "--bovw-k", "8", "--index-epochs", "2", "--retrieval-epochs", "1", "--quiet",
+            "--threads", "1", "--models", "all", "--seed", "1"]
+    assert train.main(argv + ["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"BoVW", "ViT DSI", "ViT dual encoder"}
+    assert all(r["P@10"] is None and r["MAP@10"] is None and r["test_queries_scored"] == 0 for r in rows)
+    assert "| – | – |" in (tmp_path / "results.md").read_text()
