@@ -36,12 +36,14 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
 
 import bovw
 import data
 import de
 import grow
 import metrics
+import train
 from support import cli, engine, sources, store
 from support.run import Log, UsageError, pick_device
 from vitdsi import IDTrie, ViTDSI, ViTDSIConfig
@@ -409,7 +411,6 @@ def grow_main(a: argparse.Namespace, extra: list[str]) -> int:
 
 def flops_per_image(fn, n_images: int) -> float:
     """FLOPs of fn() per image, as torch's flop counter counts them (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / n_images
@@ -441,13 +442,12 @@ def timed_epochs(fn, epochs: int) -> float:
 def speed_rows(cell, epochs: int) -> tuple[list[dict], dict]:
     """images/s, FLOPs per image and GFLOP/s of: an indexing epoch, a retrieval epoch, a dual-encoder epoch and a
     top-10 query; and the split of a retrieval epoch's seconds into training and its two per-epoch checks."""
-    import train   # the steps' own pieces: the rows time what the main command runs
     recipe, rows = cell.recipe, []
     model = ViTDSI(cli.model_config(cell.a, max(map(len, cell.idb_ids)) + 2)).to(cell.device)
     idb = cell.subset(cell.split.idb)
     pool, n_idb, _ = train.indexing_pool(cell, idb)
-    trainer = engine.make_trainer(model, recipe, recipe.lr, 1, 1, cell.device, cell.bf16)
-    trainer.scheduler.lr_lambdas = [lambda step: 0.0]                     # the weights stay: every epoch alike
+    trainer = engine.make_trainer(model, recipe, recipe.lr, 1, 1, cell.device, cell.bf16,
+                                  schedule=lambda step: 0.0)              # lr 0: the weights stay, every epoch alike
     order = torch.arange(n_idb)
     index_epoch = lambda: engine.run_epoch(trainer, pool, order, recipe.batch_size)   # noqa: E731
     rows.append(("indexing epoch", n_idb, timed_epochs(index_epoch, epochs),
@@ -478,7 +478,6 @@ def speed_rows(cell, epochs: int) -> tuple[list[dict], dict]:
 
 def speed_main(a: argparse.Namespace) -> int:
     """`--speed`: the main command's model and data (built-in set, db 512, clustered), timed piece by piece."""
-    import train
     args = cli.build_parser().parse_args(["--db-size", str(a.db_size), "--ids", a.ids, "--seed", str(a.seeds[0])])
     log = Log(quiet=True)
     cell = train.make_cell(args, cli.load_images(args, args.db_size, log), args.db_size, args.ids, log)
@@ -488,7 +487,7 @@ def speed_main(a: argparse.Namespace) -> int:
     shapes = [(n, c.dim, 3 * c.dim), (n, c.dim, c.mlp_dim), (n, c.mlp_dim, c.dim), (n, c.dim, c.dim)]
     peak = {"bf16": matmul_gflops(shapes, torch.bfloat16), "fp32": matmul_gflops(shapes, torch.float32)}
     arithmetic = "bf16 autocast" if cell.bf16 else "fp32"
-    lines = [f"Speed of the main command's pieces ({arithmetic}, {torch.get_num_threads()} threads, batch 32):", "",
+    lines = [f"Speed of the main command's pieces ({arithmetic}, {torch.get_num_threads()} threads, batch {cell.recipe.batch_size}):", "",
              "| work | images | s | images/s | GFLOP per image | GFLOP/s | share of bare bf16 / fp32 matmul |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -41,7 +41,8 @@ class DualEncoder(nn.Module):
     def __init__(self, config: ViTDSIConfig):
         super().__init__()
         self.config = config
-        self.encoder = ViTDSI(config).encoder   # the DSI's own encoder, built by the same code
+        # The encoder of a whole ViTDSI: built by the same code, it draws its initial weights as the DSI does.
+        self.encoder = ViTDSI(config).encoder
         self.project = nn.Linear(config.dim, config.dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
